@@ -1,0 +1,3 @@
+"""bigssl: distributed self-supervised visual pretraining."""
+
+__version__ = "0.1.0"

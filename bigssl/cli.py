@@ -1,0 +1,95 @@
+"""Command line: `bigssl train | shards`. Thin: parse, then call the library.
+
+User errors print one line and exit with code 2; set BIGSSL_DEBUG=1 to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from bigssl.errors import UserError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from bigssl import config as config_lib
+
+    config = config_lib.load(args.recipe, args.overrides)
+    if args.print_config:
+        print(config_lib.to_yaml(config), end="")
+        return 0
+    from bigssl.distributed.env import detect
+    from bigssl.train import train
+
+    train(config)
+    if detect().distributed:
+        # torch 2.14 + gloo can abort in its exit handlers after all work is done
+        # (reference/stack.md); the run is complete and flushed, so leave without them.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from bigssl.data.write import folder_samples, list_samples, write_shards
+
+    src = Path(args.src)
+    if src.is_dir():
+        classes, samples = folder_samples(src, args.resize, args.quality)
+    elif src.is_file():
+        classes, samples = list_samples(src, args.resize, args.quality)
+    else:
+        raise UserError(f"shards: source not found: {src}")
+    index = write_shards(samples, Path(args.out), classes, args.maxcount, args.maxsize)
+    print(f"wrote {index['samples']} samples in {len(index['shards'])} shards to {args.out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="bigssl", description="Self-supervised visual pretraining at scale.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="pretrain from a recipe (resumes from log.dir by itself)")
+    train.add_argument("recipe", help="recipe YAML file")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(run=_train)
+
+    shards = commands.add_parser("shards", help="image folder or CSV/JSONL file list → WebDataset tar shards")
+    shards.add_argument("src", help="image folder (one subfolder per class) or a .csv/.jsonl list")
+    shards.add_argument("out", help="output directory (must not already hold shards)")
+    shards.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
+    shards.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard at most")
+    shards.add_argument("--resize", type=int, default=None, metavar="SHORT_SIDE",
+                        help="re-encode as JPEG with this short side (smaller images only shrink)")
+    shards.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize")
+    shards.set_defaults(run=_shards)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    debug = os.environ.get("BIGSSL_DEBUG") == "1"
+    try:
+        return args.run(args)
+    except UserError as err:
+        if debug:
+            raise
+        print(f"bigssl: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bigssl: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line for users; the traceback is one variable away
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        print(f"bigssl: {type(err).__name__}: {message} (BIGSSL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The run's configuration: one typed dataclass per section, YAML recipes, dotted overrides.
+
+`load(recipe, overrides)` returns a `Config` whose every field has been type-checked; an
+unknown key, a wrong type or a value outside its choices raises `ConfigError` naming the key.
+The `method` section's schema belongs to the method chosen by `method.name` (each method file
+declares its own dataclass), so a SimCLR recipe cannot carry a stray DINO key unnoticed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bigssl.errors import ConfigError
+
+
+@dataclass
+class ViewsConfig:
+    """Augmentation policy; defaults are SimCLR's (Chen et al. 2020, App. A) at 224 px."""
+
+    policy: str = "simclr"
+    size: int = 224
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    flip_prob: float = 0.5
+    jitter_strength: float = 1.0  # s: brightness, contrast, saturation 0.8s; hue 0.2s
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # Empty = feed [0, 1] pixels, as SimCLR's official code does.
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    train: str = "quickstart:train"  # brace pattern of tar shards, or quickstart:<split>
+    val: str = "quickstart:val"  # labelled held-out shards for kNN ('' = none)
+    samples_per_epoch: int = 0  # 0 = number of samples in data.train (from its index.json)
+    workers: int = 2
+    shuffle_buffer: int = 2000
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+
+
+@dataclass
+class ProjectorConfig:
+    hidden_dim: int = 2048
+    out_dim: int = 128
+    layers: int = 2  # linear layers; SimCLR v1 uses 2, v2 uses 3
+    batch_norm: bool = True  # BN after every layer, as in SimCLR's official code
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "resnet50"  # any timm model name; built with pretrained=False
+    backbone_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    small_stem: bool = False  # ResNets: 3×3 first conv and no max-pool, for 28–64 px inputs
+    small_stem_stride: int = 1
+    channels_last: bool = True
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's own section; subclasses live beside their method."""
+
+    name: str = "simclr"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "lars"  # lars | sgd | adamw
+    batch_size: int = 4096  # global, over all ranks
+    epochs: int = 100
+    max_steps: int = 0  # cap for smoke runs; 0 = none
+    base_lr: float = 0.3
+    lr_scaling: str = "linear"  # linear: base_lr × batch/256; sqrt: base_lr × √batch; none
+    lr: float = 0.0  # 0 = derived from base_lr by lr_scaling (the resolved value is recorded)
+    min_lr: float = 0.0  # end of the cosine
+    warmup_epochs: float = 10.0
+    weight_decay: float = 1e-6
+    exclude_bias_norm: bool = True  # no weight decay and no LARS adaptation on biases and norms
+    momentum: float = 0.9
+    nesterov: bool = False
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lars_eta: float = 0.001
+    clip_grad: float = 0.0  # max global gradient norm; 0 = off
+
+
+@dataclass
+class EngineConfig:
+    kind: str = "ddp"
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    backend: str = "auto"  # auto = nccl with GPUs, gloo without
+    sync_bn: bool = False
+    timeout_s: float = 1800.0
+
+
+@dataclass
+class LogConfig:
+    dir: str = ""  # '' = runs/<name>
+    every_steps: int = 10
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500  # 0 = only at the end of each epoch
+    keep: int = 2
+    resume: bool = True  # resume from the newest checkpoint in log.dir when there is one
+
+
+@dataclass
+class EvalConfig:
+    knn_at_end: bool = True
+    knn_every_epochs: int = 0  # 0 = never during training
+    knn_baseline: bool = True  # also score the backbone at its random initialisation
+    knn_pixels: bool = False  # also score raw pixels (a floor every method should beat)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    batch_size: int = 256  # per rank, for feature extraction
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optim.name": ("lars", "sgd", "adamw"),
+    "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "engine.kind": ("ddp",),
+    "engine.precision": ("fp32", "bf16", "fp16"),
+    "engine.backend": ("auto", "gloo", "nccl"),
+}
+POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "data.views.size", "log.every_steps")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    key = getattr(err, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if content is None:
+        return {}
+    if not isinstance(content, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(content).__name__}")
+    return content
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"override: {_one_line(err)}") from err
+
+
+def _method_schema(name: str) -> MethodConfig:
+    from bigssl.methods import method_config_class  # methods import this module; import late
+
+    return method_config_class(name)()
+
+
+def load(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Recipe YAML ⊕ `section.key=value` overrides → a validated, resolved `Config`."""
+    raw = OmegaConf.create(_read_yaml(Path(recipe)) if recipe else {})
+    raw = OmegaConf.merge(raw, _parse_overrides(list(overrides)))
+    method_name = OmegaConf.select(raw, "method.name", default=MethodConfig.name)
+    schema = OmegaConf.structured(Config)
+    try:
+        schema.method = _method_schema(str(method_name))
+        if recipe and "name" not in raw:
+            schema.name = Path(recipe).stem
+        merged = OmegaConf.merge(schema, raw)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from err
+    validate(config)
+    resolve(config)
+    return config
+
+
+def get(config: Config, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(config: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = get(config, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if get(config, key) <= 0:
+            raise ConfigError(f"{key}: must be positive, got {get(config, key)}")
+    for key in ("data.views.crop_scale", "data.views.crop_ratio", "data.views.blur_sigma", "optim.betas"):
+        pair = get(config, key)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"{key}: expected [low, high] with low <= high, got {list(pair)}")
+    views = config.data.views
+    if len(views.mean) != len(views.std):
+        raise ConfigError("data.views.mean and data.views.std must have the same length")
+    if not config.data.train:
+        raise ConfigError("data.train: no training shards given")
+
+
+def resolve(config: Config) -> None:
+    """Fill derived values so the recorded config says exactly what ran."""
+    optim = config.optim
+    if optim.lr <= 0:
+        if optim.lr_scaling == "linear":
+            optim.lr = optim.base_lr * optim.batch_size / 256
+        elif optim.lr_scaling == "sqrt":
+            optim.lr = optim.base_lr * math.sqrt(optim.batch_size)
+        else:
+            optim.lr = optim.base_lr
+    if not config.log.dir:
+        config.log.dir = str(Path("runs") / config.name)
+
+
+def per_rank_batch(config: Config, world_size: int) -> int:
+    global_batch = config.optim.batch_size
+    if global_batch % world_size:
+        raise ConfigError(
+            f"optim.batch_size={global_batch} is not divisible by the world size {world_size}")
+    return global_batch // world_size
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

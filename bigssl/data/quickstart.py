@@ -1,0 +1,76 @@
+"""The embedded quickstart dataset: a balanced Fashion-MNIST subset shipped in the package.
+
+`quickstart:train` (10,000 images, 1,000 per class, from the official training split) and
+`quickstart:val` (2,000, from the official test split) are written to tar shards by
+`write_shards` on first use, so the quickstart reads the same kind of files as any other run.
+Licence: FASHION_MNIST_LICENSE.txt beside the data file (MIT, Zalando SE).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import io
+import lzma
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from bigssl.data.write import INDEX_NAME, Sample, write_shards
+from bigssl.errors import UserError
+
+SCHEME = "quickstart:"
+SPLITS = ("train", "val")
+DATA_FILE = Path(__file__).with_name("fashion_mnist_subset.npz.xz")
+SHARD_SIZE = 1000  # 10 training shards: enough for 2 ranks × several workers
+VERSION = "fmnist-v1"
+
+
+def cache_root() -> Path:
+    """Where the shards are written: $BIGSSL_CACHE, else ~/.cache/bigssl."""
+    root = os.environ.get("BIGSSL_CACHE") or Path.home() / ".cache" / "bigssl"
+    return Path(root) / "quickstart" / VERSION
+
+
+def load_arrays() -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(lzma.decompress(DATA_FILE.read_bytes()))) as data:
+        return {name: data[name] for name in data.files}
+
+
+def _png_samples(images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
+    for image, label in zip(images, labels, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="L").save(buffer, format="PNG")
+        yield Sample(buffer.getvalue(), "png", int(label))
+
+
+def materialize(split: str) -> Path:
+    """Write the split's shards once (safe when several ranks start at the same time)."""
+    if split not in SPLITS:
+        raise UserError(f"unknown quickstart split {split!r}; use quickstart:train or quickstart:val")
+    target = cache_root() / split
+    if (target / INDEX_NAME).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first process writes; the others wait, then reuse
+        if not (target / INDEX_NAME).exists():
+            arrays = load_arrays()
+            staging = target.with_name(f".{split}.partial-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            classes = [str(c) for c in arrays["classes"]]
+            write_shards(_png_samples(arrays[f"{split}_images"], arrays[f"{split}_labels"]),
+                         staging, classes, maxcount=SHARD_SIZE)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(staging, target)
+    return target
+
+
+def pattern(spec: str) -> str:
+    """'quickstart:train' → a brace pattern over the split's shards (written if needed)."""
+    directory = materialize(spec[len(SCHEME):])
+    count = len(list(directory.glob("shard-*.tar")))
+    return str(directory / f"shard-{{000000..{count - 1:06d}}}.tar")

@@ -1,0 +1,1 @@
+"""Everything that talks to torch.distributed: environment, collectives, engines."""

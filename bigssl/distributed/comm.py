@@ -1,0 +1,79 @@
+"""Collectives used by losses, methods and evaluation, each with its autograd behaviour stated.
+
+Every helper is a no-op (identity) when no process group is up, so the same code runs in one
+process and in many.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0, differentiably.
+
+    Backward sums the incoming gradient over ranks and returns this rank's slice, so a loss
+    computed on the gathered tensor sends ∂L_r'/∂x_r from every rank r' back to x_r. A plain
+    `dist.all_gather` has no backward at all: every rank would miss the gradient that the other
+    ranks' anchors put on its samples (reference/stack.md measures the error).
+    """
+    if not is_distributed():
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0 with no gradient (keys, queue entries, features)."""
+    if not is_distributed():
+        return x.detach()
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def gather_variable(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate tensors whose first dimension differs between ranks (no gradient)."""
+    if not is_distributed():
+        return x.detach()
+    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = gather_no_grad(size).tolist()
+    padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x.detach()
+    gathered = gather_no_grad(padded).split(max(sizes))
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes, strict=True)], dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks, no gradient (for logging and statistics)."""
+    if not is_distributed():
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out / world_size()
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,57 @@
+"""DistributedDataParallel: full replicas, gradients averaged over ranks (the reference engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bigssl.distributed.engines.base import Engine
+from bigssl.methods.base import Batch, Method
+
+STATE_FILE = "state.pt"
+
+
+class DDPEngine(Engine):
+    def setup(self, method: Method, optimizer_factory) -> None:
+        method.to(self.device)
+        if self.config.engine.sync_bn and self.env.distributed:
+            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        self.method = method
+        self.optimizer = optimizer_factory(method)
+        if self.env.distributed:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.module: nn.Module = DistributedDataParallel(method, device_ids=device_ids)
+        else:
+            self.module = method
+
+    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            return self.module(batch, step)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.method.parameters() if p.grad is not None]
+        max_norm = self.config.optim.clip_grad
+        # clip_grad_norm_ with an infinite limit measures without clipping.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def save(self, directory: Path, extra: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return  # replicas are identical: one copy is the checkpoint
+        state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra}
+        torch.save(state, directory / STATE_FILE)
+
+    def load(self, directory: Path) -> dict[str, Any]:
+        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return state["extra"]

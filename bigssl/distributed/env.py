@@ -1,0 +1,123 @@
+"""Where this process sits in the job: rank, world size, local rank and rendezvous address.
+
+Launchers only set environment variables; this module reads them. Precedence: the torchrun
+convention (RANK/WORLD_SIZE, also set by the deepspeed launcher and `accelerate launch`), then
+SLURM's srun variables, then a single process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from bigssl.errors import UserError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def first_host(nodelist: str) -> str:
+    """First hostname of a SLURM nodelist such as 'gpu[003-005,010],cpu1' (→ 'gpu003')."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def _int_env(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError as err:
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from err
+
+
+def detect() -> DistEnv:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=_int_env("RANK"),
+            world_size=_int_env("WORLD_SIZE"),
+            local_rank=_int_env("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=_int_env("MASTER_PORT") if "MASTER_PORT" in env else 29500,
+            launcher="torchrun",
+        )
+    # srun exports SLURM_STEP_NUM_TASKS for the step; SLURM_NTASKS alone is also visible in
+    # the batch script itself, where only one process runs.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
+        return DistEnv(
+            rank=_int_env("SLURM_PROCID"),
+            world_size=_int_env("SLURM_STEP_NUM_TASKS"),
+            local_rank=_int_env("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
+            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # A port derived from the job id keeps two jobs on one node apart.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    return DistEnv()
+
+
+def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
+    """Join the process group described by `env`; returns the backend in use ('' if single)."""
+    if not env.distributed or dist.is_initialized():
+        return dist.get_backend() if dist.is_initialized() else ""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+    dist.init_process_group(
+        backend=backend,
+        init_method=f"tcp://{env.master_addr}:{env.master_port}",
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    if dist.get_world_size() != env.world_size:
+        raise RuntimeError(f"process group has {dist.get_world_size()} ranks, expected {env.world_size}")
+    return backend
+
+
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group; `clean=False` skips the barrier (another rank may be gone)."""
+    if dist.is_initialized():
+        if clean:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def device_for(env: DistEnv) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", env.local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def describe(env: DistEnv, backend: str) -> str:
+    return (f"rank {env.rank} of {env.world_size} (local {env.local_rank}) on {socket.gethostname()}, "
+            f"launcher {env.launcher}, backend {backend or 'none'}")

@@ -1,0 +1,80 @@
+"""Weighted k-nearest-neighbour evaluation (Wu et al. 2018; DINO's protocol: k = 20, T = 0.07).
+
+Features are extracted on every rank (each reads its own shards), gathered, and scored; the
+whole of both sets fits in memory at the sizes we use this for (monitoring, quickstart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigssl.config import ViewsConfig
+from bigssl.data.shards import ShardStream, StreamPosition, decode_image, decode_label, loader
+from bigssl.data.views import eval_transform
+from bigssl.distributed import comm
+
+
+@dataclass
+class Features:
+    features: torch.Tensor  # [N, D], L2-normalised
+    labels: torch.Tensor  # [N]
+
+
+class _EvalSample:
+    """Picklable sample transform for DataLoader workers."""
+
+    def __init__(self, views: ViewsConfig) -> None:
+        self.transform = eval_transform(views)
+
+    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
+        return self.transform(decode_image(sample)), decode_label(sample)
+
+
+@torch.no_grad()
+def extract(model: nn.Module, urls: list[str], views: ViewsConfig, batch_size: int, workers: int,
+            device: torch.device) -> Features:
+    """Embed every labelled sample of `urls` once (exact split over ranks), gathered to all ranks."""
+    position = StreamPosition(rank=comm.rank(), world_size=comm.world_size())
+    my_shards = len(urls[position.rank :: position.world_size])
+    stream = ShardStream(urls, _EvalSample(views), position, resampled=False)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    for images, label in loader(stream, batch_size, min(workers, my_shards), drop_last=False):
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        feats.append(F.normalize(model(images).float(), dim=1).cpu())
+        labels.append(label)
+    model.train(was_training)
+    local = Features(torch.cat(feats) if feats else torch.zeros(0, 0), torch.cat(labels) if labels else
+                     torch.zeros(0, dtype=torch.long))
+    return Features(comm.gather_variable(local.features), comm.gather_variable(local.labels))
+
+
+def weighted_knn(train: Features, test: Features, k: int = 20, temperature: float = 0.07,
+                 chunk: int = 1024) -> dict[str, float]:
+    """Each test sample votes with its k most similar training samples, weighted exp(sim / T)."""
+    if (train.labels < 0).any() or (test.labels < 0).any():
+        raise ValueError("kNN needs labels on every sample (a .cls member per sample)")
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
+    k = min(k, len(train.labels))
+    correct1 = correct5 = 0
+    for start in range(0, len(test.labels), chunk):
+        feats, truth = test.features[start : start + chunk], test.labels[start : start + chunk]
+        sims, idx = (feats @ train.features.T).topk(k, dim=1)
+        votes = torch.zeros(len(truth), classes).scatter_add_(1, train.labels[idx], (sims / temperature).exp())
+        ranked = votes.topk(min(5, classes), dim=1).indices
+        # A class no neighbour voted for is not a prediction, even when top-5 has room for it.
+        voted = votes.gather(1, truth[:, None]).squeeze(1) > 0
+        correct1 += (ranked[:, 0] == truth).sum().item()
+        correct5 += ((ranked == truth[:, None]).any(dim=1) & voted).sum().item()
+    n = len(test.labels)
+    return {"top1": correct1 / n, "top5": correct5 / n}
+
+
+def pixel_features(urls: list[str], views: ViewsConfig, batch_size: int, workers: int) -> Features:
+    """Raw pixels as features: the floor any learned representation should beat."""
+    return extract(nn.Flatten(), urls, views, batch_size, workers, torch.device("cpu"))

@@ -1,0 +1,44 @@
+"""Backbones from timm by name, always with pretrained=False (no hub access, no leakage)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from torch import nn
+
+from bigssl.config import ModelConfig
+from bigssl.errors import ConfigError
+
+
+def _use_small_stem(model: nn.Module, stride: int) -> None:
+    """A 3×3 first convolution and no max-pool, so 28–64 px inputs keep spatial detail.
+
+    This is the CIFAR convention (SimCLR App. B.9; solo-learn's ResNets). The stem keeps its
+    width so the first residual stage still fits.
+    """
+    conv = getattr(model, "conv1", None)
+    if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
+        raise ConfigError(
+            f"model.small_stem: only ResNet-style backbones (conv1 + maxpool) have a small-stem "
+            f"option; {type(model).__name__} has not")
+    model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, stride, 1, bias=False)
+    model.maxpool = nn.Identity()
+
+
+def build_backbone(config: ModelConfig) -> nn.Module:
+    """Returns a model whose forward gives pooled features of size `model.num_features`."""
+    if not timm.is_model(config.backbone):
+        raise ConfigError(f"model.backbone: {config.backbone!r} is not a timm model name")
+    try:
+        model = timm.create_model(config.backbone, pretrained=False, num_classes=0, **config.backbone_args)
+    except TypeError as err:
+        raise ConfigError(f"model.backbone_args: {err}") from err
+    if config.small_stem:
+        _use_small_stem(model, config.small_stem_stride)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def feature_dim(model: nn.Module) -> int:
+    return int(model.num_features)

@@ -1,0 +1,71 @@
+"""Optimizers and parameter groups.
+
+Biases and normalisation parameters (every tensor with ndim ≤ 1) get no weight decay and, under
+LARS, no trust-ratio adaptation: the convention of SimCLR, BYOL, Barlow Twins and MoCo v3.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bigssl.config import OptimConfig
+
+
+def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if config.exclude_bias_norm and param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": config.weight_decay, "lars_adapt": True, "lr_scale": 1.0}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_adapt": False, "lr_scale": 1.0})
+    return groups
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017).
+
+    Per tensor: g ← g + wd·w; if the group adapts, g ← g · η‖w‖/‖g‖ (when both norms are
+    non-zero); μ ← m·μ + g; w ← w − lr·μ. This is the variant of BYOL, Barlow Twins and MoCo v3
+    (reference/methods.md §6.1); groups with `lars_adapt=False` reduce to momentum SGD.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 eta: float = 0.001) -> None:
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
+                    "lars_adapt": True}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                grad = param.grad
+                if group["weight_decay"]:
+                    grad = grad.add(param, alpha=group["weight_decay"])
+                if group["lars_adapt"]:
+                    param_norm, grad_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(grad)
+                    trust = torch.where((param_norm > 0) & (grad_norm > 0),
+                                        group["eta"] * param_norm / grad_norm, torch.ones_like(param_norm))
+                    grad = grad.mul(trust)
+                state = self.state[param]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, config)
+    if config.name == "lars":
+        return LARS(groups, lr=config.lr, momentum=config.momentum, eta=config.lars_eta)
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))

@@ -1,0 +1,55 @@
+"""Shared test utilities: free ports, 2-process gloo runs, the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "recipes" / "quickstart" / "simclr.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
+    os.environ.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"})
+    from bigssl.distributed import comm, env
+
+    dist_env = env.DistEnv(rank=rank, world_size=world_size, local_rank=rank, master_addr="127.0.0.1",
+                           master_port=port, launcher="test")
+    env.init(dist_env, backend="gloo", timeout_s=120)
+    # Launchers can fail silently into one process: check the group really has them all.
+    assert comm.world_size() == world_size, f"rank {rank} sees world size {comm.world_size()}"
+    fn(rank, world_size, *args)
+    env.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # torch 2.14 + gloo can abort in its exit handlers (reference/stack.md)
+
+
+def run_distributed(fn: Callable, world_size: int, *args) -> None:
+    """Run `fn(rank, world_size, *args)` in `world_size` gloo processes on 127.0.0.1."""
+    mp.spawn(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True)
+
+
+def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    command = (launcher or [sys.executable, "-m"]) + ["bigssl", *args]
+    return subprocess.run(command, cwd=cwd, env=env or worker_env(), capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+from torch import nn
+
+from bigssl.config import Config
+from bigssl.distributed.engines import build_engine
+from bigssl.distributed.env import DistEnv
+from bigssl.errors import ConfigError
+from bigssl.methods.base import Method
+
+
+class Regression(Method):
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        torch.manual_seed(0)
+        self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, batch, step):
+        return {"loss": ((self.backbone(batch["x"]) - batch["y"]) ** 2).mean()}
+
+
+def engine_for(**engine_keys) -> tuple:
+    config = Config()
+    for key, value in engine_keys.items():
+        section, name = key.split("__")
+        setattr(getattr(config, section), name, value)
+    engine = build_engine(config, DistEnv(), torch.device("cpu"))
+    engine.setup(Regression(config), lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+    batch = {"x": torch.randn(32, 8, generator=torch.Generator().manual_seed(1)) * 10, "y": torch.ones(32, 1) * 50}
+    return engine, batch
+
+
+def test_gradient_clipping_caps_the_global_norm():
+    engine, batch = engine_for(optim__clip_grad=0.5)
+    engine.backward(engine.forward(batch, 0)["loss"])
+    before = torch.sqrt(sum((p.grad ** 2).sum() for p in engine.method.parameters())).item()
+    original_step = engine.optimizer.step
+    seen = {}
+
+    def spy():  # the norm the optimizer actually receives
+        seen["norm"] = torch.sqrt(sum((p.grad ** 2).sum() for p in engine.method.parameters())).item()
+        original_step()
+
+    engine.optimizer.step = spy
+    reported = engine.step()
+    assert reported == pytest.approx(before, rel=1e-5) and before > 0.5
+    assert seen["norm"] == pytest.approx(0.5, rel=1e-4)
+    assert all(p.grad is None for p in engine.method.parameters())
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16():
+    engine, batch = engine_for(engine__precision="bf16")
+    with engine.autocast():
+        assert engine.method.backbone(batch["x"]).dtype == torch.bfloat16
+    fp32_engine, _ = engine_for()
+    loss_bf16 = engine.forward(batch, 0)["loss"].float()
+    loss_fp32 = fp32_engine.forward(batch, 0)["loss"]
+    assert torch.isfinite(loss_bf16) and loss_bf16.item() == pytest.approx(loss_fp32.item(), rel=0.05)
+    engine.backward(loss_bf16)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in engine.method.parameters())
+
+
+def test_fp16_needs_a_gpu():
+    with pytest.raises(ConfigError, match="engine.precision"):
+        engine_for(engine__precision="fp16")
