@@ -133,8 +133,10 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         worker, workers = _worker()
         rng = self._rng(worker)
-        # Augmentations draw from torch's generator: seed it per (seed, epoch, rank, worker) too.
-        torch.manual_seed(rng.getrandbits(63))
+        if get_worker_info() is not None:
+            # Augmentations draw from the worker's torch generator: seed it from the same
+            # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
+            torch.manual_seed(rng.getrandbits(63))
         samples = wds.tarfile_to_samples(handler=wds.warn_and_continue)(self._shards(worker, workers, rng))
         for sample in self._shuffled(samples, rng):
             yield self.transform(sample)
