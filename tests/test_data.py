@@ -110,3 +110,32 @@ def test_simclr_policy_gives_two_different_views_of_the_configured_size():
     assert float(views[0].min()) >= 0.0 and float(views[0].max()) <= 1.0  # no normalisation by default
     plain = eval_transform(config)(image)
     assert torch.equal(plain, eval_transform(config)(image))  # evaluation view is deterministic
+
+
+def test_shards_command_from_folder_and_file_list(tmp_path: Path):
+    from helpers import run_cli
+
+    src = tmp_path / "folder"
+    for name, value in [("cat", 10), ("dog", 200)]:
+        (src / name).mkdir(parents=True)
+        for i in range(3):
+            (src / name / f"{i}.png").write_bytes(png(value + i, size=40))
+    out = tmp_path / "out"
+    result = run_cli("shards", str(src), str(out), "--maxcount", "4", "--resize", "20", timeout=120)
+    assert result.returncode == 0, result.stderr
+    index = json.loads((out / "index.json").read_text())
+    assert index["classes"] == ["cat", "dog"] and [s["samples"] for s in index["shards"]] == [4, 2]
+    stream = ShardStream(resolve(str(out / "shard-{000000..000001}.tar")),
+                         lambda s: (decode_image(s).size, int(s["cls"]), "jpg" in s), StreamPosition(), resampled=False)
+    assert sorted(stream) == [((20, 20), 0, True)] * 3 + [((20, 20), 1, True)] * 3
+
+    again = run_cli("shards", str(src), str(out), timeout=120)  # never mixes two datasets
+    assert again.returncode == 2 and "already contains shards" in again.stderr
+
+    listing = tmp_path / "list.csv"
+    listing.write_text("path,label,text\nfolder/cat/0.png,cat,a cat\nfolder/dog/1.png,dog,\n")
+    result = run_cli("shards", str(listing), str(tmp_path / "out2"), timeout=120)
+    assert result.returncode == 0, result.stderr
+    stream = ShardStream(resolve(str(tmp_path / "out2" / "shard-000000.tar")),
+                         lambda s: (int(s["cls"]), s.get("txt", b"").decode()), StreamPosition(), resampled=False)
+    assert list(stream) == [(0, "a cat"), (1, "")]

@@ -37,7 +37,10 @@ def resolve(pattern: str, key: str = "data.train") -> list[str]:
     Local shards must exist; `pipe:` URLs are passed through untouched.
     """
     if pattern.startswith(quickstart.SCHEME):
-        pattern = quickstart.pattern(pattern)
+        try:
+            pattern = quickstart.pattern(pattern)
+        except UserError as err:
+            raise UserError(f"{key}: {err}") from err
     urls = [url for part in pattern.split("::") if part for url in braceexpand.braceexpand(part)]
     if not urls:
         raise UserError(f"{key}: pattern {pattern!r} matches no shards")
