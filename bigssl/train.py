@@ -44,6 +44,22 @@ class _TrainSample:
         return {"views": self.policy(decode_image(sample)), "label": decode_label(sample)}
 
 
+class _Window:
+    """Accumulates what happened since the last log step, without syncing the device each step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+        self.loss_sum.zero_()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.steps += 1
+
+
 @dataclass
 class Progress:
     """Trainer state that goes into every checkpoint."""
@@ -147,10 +163,8 @@ class Trainer:
         if evaluating and resume_from is None:
             self._baselines(monitor)
 
-        window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-        loss_sum = torch.zeros((), device=self.device)
+        window = _Window(self.device)
         last_saved = step
-        final_scores: dict[str, float] = {}
         while step < self.last_step:
             epoch = step // self.steps_per_epoch
             batches = self._batches(epoch, step)
@@ -158,41 +172,27 @@ class Trainer:
             while step < epoch_end:
                 fetch_start = time.perf_counter()
                 batch = self._to_device(next(batches))
-                data_wait += time.perf_counter() - fetch_start
+                window.data_wait += time.perf_counter() - fetch_start
                 lr = self._set_lr(step)
                 out = self.engine.forward(batch, step)
                 self.engine.backward(out["loss"])
                 grad_norm = self.engine.step()
                 self.method.after_step(step)
                 step += 1
-                window_steps += 1
-                loss_sum += out["loss"].detach().float()
-
+                window.add(out["loss"])
                 if step % config.log.every_steps == 0 or step == self.last_step:
-                    elapsed = time.perf_counter() - window_start
-                    loss = float(comm.all_reduce_mean(loss_sum / window_steps))
-                    record = {"epoch": step / self.steps_per_epoch, "loss": loss, "lr": lr,
-                              "grad_norm": grad_norm,
-                              "images_per_s": config.optim.batch_size * window_steps / elapsed,
-                              "data_wait_fraction": data_wait / elapsed,
-                              "world_size": self.env.world_size}
-                    monitor.log(step, record)
-                    monitor.progress(window_steps, {"loss": f"{loss:.4f}", "lr": f"{lr:.3g}",
-                                                    "img/s": f"{record['images_per_s']:.0f}"})
-                    window_start, data_wait, window_steps = time.perf_counter(), 0.0, 0
-                    loss_sum.zero_()
+                    self._log_window(monitor, window, step, {"lr": lr, "grad_norm": grad_norm})
                 every = config.checkpoint.every_steps
                 if every and step % every == 0 and step < self.last_step:
                     self._save(step)
                     last_saved = step
             del batches  # shut this epoch's workers down before the next epoch starts its own
-            completed_epoch = step % self.steps_per_epoch == 0
-            if completed_epoch and step < self.last_step and step != last_saved:
+            if step % self.steps_per_epoch or step >= self.last_step:
+                continue  # end of a capped run: handled below
+            if step != last_saved:
                 self._save(step)
                 last_saved = step
-            knn_every = config.eval.knn_every_epochs
-            if evaluating and knn_every and completed_epoch and (step // self.steps_per_epoch) % knn_every == 0 \
-                    and step < self.last_step:
+            if evaluating and self._knn_due(step):
                 scores = self._knn()
                 monitor.log(step, {"knn/top1": scores["top1"], "knn/top5": scores["top5"]})
 
@@ -201,12 +201,30 @@ class Trainer:
             self._save(step)
         if self.env.is_main:
             save_backbone(self.method.backbone, self.run_dir / "backbone.safetensors")
-        if evaluating and config.eval.knn_at_end:
+        final_scores: dict[str, float] = {}
+        if evaluating and (config.eval.knn_at_end or self._knn_due(step)):
             final_scores = self._knn()
             monitor.log(step, {"knn/top1": final_scores["top1"], "knn/top5": final_scores["top5"]})
             monitor.message(self._summary(step, final_scores))
         monitor.close()
         return final_scores
+
+    def _knn_due(self, step: int) -> bool:
+        """True at the end of every `eval.knn_every_epochs`-th epoch."""
+        every = self.config.eval.knn_every_epochs
+        return bool(every) and step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % every == 0
+
+    def _log_window(self, monitor: Monitor, window: _Window, step: int, values: dict[str, float]) -> None:
+        """Log the means since the last log step (loss averaged over ranks too) and restart the window."""
+        elapsed = time.perf_counter() - window.start
+        loss = float(comm.all_reduce_mean(window.loss_sum / window.steps))
+        record = {"epoch": step / self.steps_per_epoch, "loss": loss, **values,
+                  "images_per_s": self.config.optim.batch_size * window.steps / elapsed,
+                  "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
+        monitor.log(step, record)
+        monitor.progress(window.steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
+                                        "img/s": f"{record['images_per_s']:.0f}"})
+        window.reset()
 
     def _summary(self, step: int, scores: dict[str, float]) -> str:
         ev = self.config.eval

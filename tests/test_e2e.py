@@ -54,13 +54,17 @@ def test_quickstart_two_processes_with_torchrun(tmp_path: Path):
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={free_port()}", "-m"]
+    # 64 samples per epoch = 2 steps: kNN after epoch 1 (step 2) and at the end (step 3).
     result = run_cli("train", str(QUICKSTART), *SMALL, f"log.dir={run}", "optim.max_steps=3",
-                     "eval.knn_baseline=false", "eval.knn_pixels=false", launcher=torchrun)
+                     "data.samples_per_epoch=64", "eval.knn_every_epochs=1", "eval.knn_baseline=false",
+                     "eval.knn_pixels=false", launcher=torchrun)
     assert result.returncode == 0, result.stderr
     # Each worker reports the world size its process group really has.
     assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
     assert train_steps(run) == [1, 2, 3]
     assert all(m["world_size"] == 2 for m in metrics(run) if "loss" in m)
+    knn_steps = [m["step"] for m in metrics(run) if "knn/top1" in m]
+    assert knn_steps == [2, 3]
     assert 0 < metrics(run)[-1]["knn/top1"] <= 1  # features gathered from both ranks
     assert (run / "checkpoints" / "step_00000003" / "state.pt").is_file()
 

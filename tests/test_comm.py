@@ -1,0 +1,32 @@
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_distributed
+
+
+def rows(rank: int) -> torch.Tensor:
+    count = 3 if rank == 0 else 1  # uneven, as shards split over ranks often are
+    return torch.arange(count * 2, dtype=torch.float32).reshape(count, 2) + 100 * rank
+
+
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
+    from bigssl.distributed import comm
+
+    gathered = comm.gather_variable(rows(rank))
+    empty = comm.gather_variable(torch.zeros(0, 2) if rank == 1 else rows(rank))
+    mean = comm.all_reduce_mean(torch.tensor(float(rank)))
+    torch.save({"gathered": gathered, "empty": empty, "mean": mean, "world": comm.world_size()},
+               Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_variable_size_gather_and_mean(tmp_path: Path):
+    run_distributed(_worker, 2, str(tmp_path))
+    expected = torch.cat([rows(0), rows(1)])
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        assert result["world"] == 2
+        assert torch.equal(result["gathered"], expected)
+        assert torch.equal(result["empty"], rows(0))  # a rank with no samples contributes nothing
+        assert result["mean"].item() == 0.5
