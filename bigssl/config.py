@@ -41,11 +41,20 @@ class ViewsConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "quickstart:train"  # brace pattern of tar shards, or quickstart:<split>
+    # Brace patterns of tar shards (several joined by '::' are mixed by `weights`), pipe:
+    # commands, or quickstart:<split>.
+    train: str = "quickstart:train"
     val: str = "quickstart:val"  # labelled held-out shards for kNN ('' = none)
+    mode: str = "resampled"  # resampled: shards drawn with replacement; exact: each sample once per epoch
     samples_per_epoch: int = 0  # 0 = number of samples in data.train (from its index.json)
-    workers: int = 2
-    shuffle_buffer: int = 2000
+    weights: list[float] = field(default_factory=list)  # per '::' source, resampled mode; [] = equal
+    workers: int = 2  # DataLoader worker processes per rank
+    interleave: int = 4  # shards each worker reads at once
+    shuffle_buffer: int = 2000  # samples, per worker
+    micro_batch: int = 0  # samples a worker hands over at a time; 0 = the per-rank batch (no re-batching copy)
+    fast_decode: bool = True  # libjpeg-turbo's fast IDCT and upsampling for training images (not evaluation)
+    require_labels: bool = False  # skip (and count) samples without a .cls member
+    timeout_s: float = 300.0  # fail when no sample arrives for this long (0 = wait forever)
     views: ViewsConfig = field(default_factory=ViewsConfig)
 
 
@@ -144,13 +153,15 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
+    "data.mode": ("resampled", "exact"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
     "engine.kind": ("ddp",),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.backend": ("auto", "gloo", "nccl"),
 }
-POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "data.views.size", "log.every_steps")
+POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "data.views.size", "log.every_steps",
+                             "data.interleave")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -177,6 +188,8 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
+    # 'data.val=' means the empty string (OmegaConf would read None, which no field accepts).
+    overrides = [item + "''" if item.endswith("=") else item for item in overrides]
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as err:
@@ -232,6 +245,11 @@ def validate(config: Config) -> None:
         raise ConfigError("data.views.mean and data.views.std must have the same length")
     if not config.data.train:
         raise ConfigError("data.train: no training shards given")
+    if config.data.workers < 0 or config.data.shuffle_buffer < 0 or config.data.micro_batch < 0:
+        raise ConfigError("data.workers, data.shuffle_buffer and data.micro_batch must not be negative")
+    if config.data.mode == "exact" and config.data.weights and len(set(config.data.weights)) > 1:
+        raise ConfigError(
+            "data.weights: mixing weights apply to data.mode=resampled; exact epochs read every sample once")
 
 
 def resolve(config: Config) -> None:

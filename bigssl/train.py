@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,28 +19,18 @@ import torch
 from bigssl import config as config_lib
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
-from bigssl.data.shards import ShardStream, StreamPosition, decode_image, decode_label, loader, resolve, sample_count
-from bigssl.data.views import ViewPolicy, build_policy
+from bigssl.data.pipeline import SKIP_REASONS, TrainData, skip_vector
+from bigssl.data.position import Consumed
+from bigssl.data.shards import resolve
 from bigssl.distributed import comm
 from bigssl.distributed import env as env_lib
 from bigssl.distributed.engines import build_engine
-from bigssl.errors import ConfigError
 from bigssl.eval import knn
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
 from bigssl.monitor import Monitor
 from bigssl.optim import build_optimizer
 from bigssl.schedules import WarmupCosine
-
-
-class _TrainSample:
-    """Decode one sample and cut its views (runs in DataLoader workers)."""
-
-    def __init__(self, policy: ViewPolicy) -> None:
-        self.policy = policy
-
-    def __call__(self, sample: dict) -> dict[str, Any]:
-        return {"views": self.policy(decode_image(sample)), "label": decode_label(sample)}
 
 
 class _Window:
@@ -65,6 +54,10 @@ class Progress:
     """Trainer state that goes into every checkpoint."""
 
     step: int = 0
+    epoch: int = 0
+    epoch_step: int = 0  # steps done in the current epoch
+    consumed: Consumed = field(default_factory=Consumed)  # samples of this epoch used (exact mode)
+    skipped: dict[str, int] = field(default_factory=dict)  # all ranks, epochs before the current one
     knn: dict[str, float] = field(default_factory=dict)  # first scores, e.g. the random-init kNN
 
 
@@ -79,17 +72,11 @@ class Trainer:
         self.local_batch = config_lib.per_rank_batch(config, self.env.world_size)
 
         # Data first: a missing shard must fail before any model is built.
-        self.train_urls = resolve(config.data.train, "data.train")
-        self.val_urls = resolve(config.data.val, "data.val") if config.data.val else []
-        samples = config.data.samples_per_epoch or sample_count(self.train_urls)
-        if not samples:
-            raise ConfigError("data.samples_per_epoch: the size of data.train is unknown (no index.json); set it")
-        self.steps_per_epoch = samples // config.optim.batch_size
-        if self.steps_per_epoch < 1:
-            raise ConfigError(f"optim.batch_size={config.optim.batch_size} exceeds the {samples} samples per epoch")
+        self.data = TrainData(config, self.env.rank, self.env.world_size, self.local_batch)
+        self.val_shards = resolve(config.data.val, "data.val") if config.data.val else None
+        self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, config.optim.max_steps or self.total_steps)
-        self.policy = build_policy(config.data.views)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.method = build_method(config)
@@ -102,13 +89,6 @@ class Trainer:
         self.progress = Progress()
 
     # ----------------------------------------------------------------------------- helpers
-    def _batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
-        position = StreamPosition(self.env.rank, self.env.world_size,
-                                  seed=self.config.seed * 1_000_003 + start_step, epoch=epoch)
-        stream = ShardStream(self.train_urls, _TrainSample(self.policy), position, resampled=True,
-                             shuffle_buffer=self.config.data.shuffle_buffer)
-        return iter(loader(stream, self.local_batch, self.config.data.workers, drop_last=True))
-
     def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         memory_format = torch.channels_last if self.config.model.channels_last else torch.contiguous_format
         views = [v.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
@@ -121,15 +101,40 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         return lr
 
-    def _save(self, step: int) -> None:
-        self.checkpoints.save(step, self.engine, {"step": step, "knn": dict(self.progress.knn)})
+    def _skipped_now(self, loader_skipped: dict[str, int]) -> dict[str, int]:
+        """Skips over all ranks and all epochs so far (a collective: every rank calls it)."""
+        this_epoch = comm.all_reduce_sum_cpu(skip_vector(loader_skipped)).tolist()
+        return {r: self.progress.skipped.get(r, 0) + n for r, n in zip(SKIP_REASONS, this_epoch, strict=True)}
+
+    def _save(self, loader_skipped: dict[str, int]) -> None:
+        p = self.progress
+        merged = Consumed()
+        for part in comm.all_gather_object(p.consumed.state_dict()):
+            merged.merge(Consumed.from_state(part))  # exact mode: ranks read disjoint shards
+        extra = {"step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step, "knn": dict(p.knn),
+                 "skipped_before_epoch": dict(p.skipped), "skipped_in_epoch": self._skipped_now(loader_skipped),
+                 "consumed": merged.state_dict(), "shards": self.data.fingerprint()}
+        self.checkpoints.save(p.step, self.engine, extra)
+
+    def _resume(self, path: Path, monitor_message: list[str]) -> None:
+        extra = self.engine.load(path)
+        p = Progress(step=int(extra["step"]), epoch=int(extra["epoch"]), epoch_step=int(extra["epoch_step"]),
+                     knn=dict(extra["knn"]), skipped=dict(extra["skipped_before_epoch"]))
+        if extra["shards"] == self.data.fingerprint():
+            p.consumed = Consumed.from_state(extra["consumed"])
+            # Skips of the interrupted epoch are part of the position: keep them counted.
+            p.skipped = dict(extra["skipped_in_epoch"])
+        else:
+            monitor_message.append("bigssl: data.train changed since the checkpoint: the epoch's position "
+                                   "is not carried over")
+        self.progress = p
 
     def _knn(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         ev, data = self.config.eval, self.config.data
-        train = knn.extract(model or self.method.backbone, self.train_urls, data.views, ev.batch_size,
-                            data.workers, self.device)
-        val = knn.extract(model or self.method.backbone, self.val_urls, data.views, ev.batch_size,
-                          data.workers, self.device)
+        model = model or self.method.backbone
+        args = (data.views, ev.batch_size, data.workers, self.device, data.timeout_s)
+        train = knn.extract(model, self.data.shards, *args)
+        val = knn.extract(model, self.val_shards, *args)
         return knn.weighted_knn(train, val, ev.knn_k, ev.knn_temperature)
 
     def _baselines(self, monitor: Monitor) -> None:
@@ -144,83 +149,106 @@ class Trainer:
             self.progress.knn["pixels"] = scores["top1"]
             monitor.log(0, {"knn/pixels_top1": scores["top1"], "knn/pixels_top5": scores["top5"]})
 
+    def _knn_due(self, epochs_done: int) -> bool:
+        every = self.config.eval.knn_every_epochs
+        return bool(every) and epochs_done % every == 0
+
     # -------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         config = self.config
         resume_from = self.checkpoints.latest() if config.checkpoint.resume else None
+        messages: list[str] = []
         if resume_from is not None:
-            extra = self.engine.load(resume_from)
-            self.progress = Progress(step=int(extra["step"]), knn=dict(extra.get("knn", {})))
+            self._resume(resume_from, messages)
+            messages.insert(0, f"bigssl: resumed from {resume_from} (step {self.progress.step})")
         elif self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
-        step = self.progress.step
-        monitor = Monitor(self.run_dir, self.env.is_main, self.last_step, step,
+        p = self.progress
+        monitor = Monitor(self.run_dir, self.env.is_main, self.last_step, p.step,
                           tensorboard=config.log.tensorboard, progress=config.log.progress)
-        if resume_from is not None:
-            monitor.message(f"bigssl: resumed from {resume_from} (step {step})")
-        evaluating = bool(self.val_urls) and (config.eval.knn_at_end or config.eval.knn_every_epochs > 0)
-        if evaluating and resume_from is None:
+        try:
+            for message in messages:
+                monitor.message(message)
+            return self._run(monitor, fresh=resume_from is None)
+        finally:
+            monitor.close()  # also on errors, so the bar does not print after the error line
+
+    def _run(self, monitor: Monitor, fresh: bool) -> dict[str, float]:
+        config, p = self.config, self.progress
+        evaluating = self.val_shards is not None and (config.eval.knn_at_end or config.eval.knn_every_epochs > 0)
+        if evaluating and fresh:
             self._baselines(monitor)
 
         window = _Window(self.device)
-        last_saved = step
-        while step < self.last_step:
-            epoch = step // self.steps_per_epoch
-            batches = self._batches(epoch, step)
-            epoch_end = min((epoch + 1) * self.steps_per_epoch, self.last_step)
-            while step < epoch_end:
+        last_saved = p.step
+        epoch_skips: dict[str, int] = {}  # this rank's skips in the current epoch
+        while p.step < self.last_step and p.epoch < config.optim.epochs:
+            planned = self.data.planned_steps(p.epoch, p.epoch_step, p.consumed)
+            loader = self.data.loader(p.epoch, p.step, p.consumed)
+            batches = iter(loader)
+            while p.epoch_step < planned and p.step < self.last_step:
                 fetch_start = time.perf_counter()
-                batch = self._to_device(next(batches))
+                batch = next(batches, None)
+                # Exact epochs end when any rank runs dry (skipped samples can make one short).
+                if not (comm.all_agree(batch is not None) if self.data.exact else batch is not None):
+                    break
+                batch = self._to_device(batch)
                 window.data_wait += time.perf_counter() - fetch_start
-                lr = self._set_lr(step)
-                out = self.engine.forward(batch, step)
+                lr = self._set_lr(p.step)
+                out = self.engine.forward(batch, p.step)
                 self.engine.backward(out["loss"])
                 grad_norm = self.engine.step()
-                self.method.after_step(step)
-                step += 1
+                self.method.after_step(p.step)
+                p.step += 1
+                p.epoch_step += 1
                 window.add(out["loss"])
-                if step % config.log.every_steps == 0 or step == self.last_step:
-                    self._log_window(monitor, window, step, {"lr": lr, "grad_norm": grad_norm})
+                if p.step % config.log.every_steps == 0 or p.step == self.last_step:
+                    self._log_window(monitor, window, {"lr": lr, "grad_norm": grad_norm}, loader.skipped())
                 every = config.checkpoint.every_steps
-                if every and step % every == 0 and step < self.last_step:
-                    self._save(step)
-                    last_saved = step
-            del batches  # shut this epoch's workers down before the next epoch starts its own
-            if step % self.steps_per_epoch or step >= self.last_step:
-                continue  # end of a capped run: handled below
-            if step != last_saved:
-                self._save(step)
-                last_saved = step
-            if evaluating and self._knn_due(step):
+                if every and p.step % every == 0 and p.step < self.last_step:
+                    self._save(loader.skipped())
+                    last_saved = p.step
+            epoch_skips = loader.skipped()
+            del batches  # shut this epoch's workers down before anything else runs
+            if p.step >= self.last_step and p.epoch_step < planned:
+                break  # a capped run stopping mid-epoch: the position stays in the epoch
+            p.skipped = self._skipped_now(epoch_skips)
+            p.epoch, p.epoch_step, p.consumed, epoch_skips = p.epoch + 1, 0, Consumed(), {}
+            if p.step != last_saved and p.step < self.last_step:
+                self._save(epoch_skips)
+                last_saved = p.step
+            if evaluating and self._knn_due(p.epoch) and p.step < self.last_step:
                 scores = self._knn()
-                monitor.log(step, {"knn/top1": scores["top1"], "knn/top5": scores["top5"]})
+                monitor.log(p.step, {"knn/top1": scores["top1"], "knn/top5": scores["top5"]})
 
         monitor.end_progress()
-        if step != last_saved:
-            self._save(step)
+        if p.step != last_saved:
+            self._save(epoch_skips)
         if self.env.is_main:
             save_backbone(self.method.backbone, self.run_dir / "backbone.safetensors")
         final_scores: dict[str, float] = {}
-        if evaluating and (config.eval.knn_at_end or self._knn_due(step)):
+        if evaluating and (config.eval.knn_at_end or self._knn_due(p.epoch)):
             final_scores = self._knn()
-            monitor.log(step, {"knn/top1": final_scores["top1"], "knn/top5": final_scores["top5"]})
-            monitor.message(self._summary(step, final_scores))
-        monitor.close()
+            monitor.log(p.step, {"knn/top1": final_scores["top1"], "knn/top5": final_scores["top5"]})
+            monitor.message(self._summary(p.step, final_scores))
+        skipped = self._skipped_now(epoch_skips)
+        if any(skipped.values()):
+            monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
         return final_scores
 
-    def _knn_due(self, step: int) -> bool:
-        """True at the end of every `eval.knn_every_epochs`-th epoch."""
-        every = self.config.eval.knn_every_epochs
-        return bool(every) and step % self.steps_per_epoch == 0 and (step // self.steps_per_epoch) % every == 0
-
-    def _log_window(self, monitor: Monitor, window: _Window, step: int, values: dict[str, float]) -> None:
+    def _log_window(self, monitor: Monitor, window: _Window, values: dict[str, float],
+                    epoch_skips: dict[str, int]) -> None:
         """Log the means since the last log step (loss averaged over ranks too) and restart the window."""
+        step = self.progress.step
+        skipped = self._skipped_now(epoch_skips)
         elapsed = time.perf_counter() - window.start
         loss = float(comm.all_reduce_mean(window.loss_sum / window.steps))
-        record = {"epoch": step / self.steps_per_epoch, "loss": loss, **values,
-                  "images_per_s": self.config.optim.batch_size * window.steps / elapsed,
+        record = {"epoch": self.progress.epoch + self.progress.epoch_step / self.steps_per_epoch, "loss": loss,
+                  **values, "images_per_s": self.config.optim.batch_size * window.steps / elapsed,
                   "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
+        if any(skipped.values()):
+            record.update({f"data/skipped_{reason}": count for reason, count in skipped.items()})
         monitor.log(step, record)
         monitor.progress(window.steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
                                         "img/s": f"{record['images_per_s']:.0f}"})
@@ -234,6 +262,7 @@ class Trainer:
         lines = [f"kNN top-1 (k={ev.knn_k}, T={ev.knn_temperature}) of {self.config.data.val}:"]
         lines += [f"  {name:<{width}}  {value:.4f}" for name, value in rows]
         return "\n".join(lines)
+
 
 def train(config: Config) -> dict[str, float]:
     try:

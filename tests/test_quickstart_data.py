@@ -5,8 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from bigssl.data import quickstart
+from bigssl.data.decode import decode_rgb, image_bytes
+from bigssl.data.shards import resolve
+from bigssl.data.stream import ShardStream, StreamSpec
 
 SOURCE = Path("/usr/share/datasets/fashion-mnist")
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "make_quickstart_subset.py"
@@ -32,3 +36,15 @@ def test_shipped_subset_matches_the_debian_files():
                                               tool.read_idx(SOURCE / f"{prefix}-labels-idx1-ubyte.gz"), per_class)
         assert np.array_equal(arrays[f"{split}_images"], images)
         assert np.array_equal(arrays[f"{split}_labels"], labels)
+
+
+def test_quickstart_shards_are_written_once_and_read_back():
+    train, val = resolve("quickstart:train"), resolve("quickstart:val")
+    assert train.total == 10000 and val.total == 2000 and len(train.shards) == 10
+    def shape_and_label(sample: dict) -> dict:
+        return {"shape": torch.tensor(decode_rgb(image_bytes(sample)).shape), "label": int(sample["cls"])}
+
+    micros = list(ShardStream(val, shape_and_label, StreamSpec(mode="exact", shuffle_buffer=0)))
+    assert torch.bincount(torch.cat([m["data"]["label"] for m in micros])).tolist() == [200] * 10
+    assert (torch.cat([m["data"]["shape"] for m in micros]) == torch.tensor([3, 28, 28])).all()
+    assert resolve("quickstart:train") == train  # the second use reuses the shards

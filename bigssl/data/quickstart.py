@@ -26,7 +26,7 @@ SCHEME = "quickstart:"
 SPLITS = ("train", "val")
 DATA_FILE = Path(__file__).with_name("fashion_mnist_subset.npz.xz")
 SHARD_SIZE = 1000  # 10 training shards: enough for 2 ranks × several workers
-VERSION = "fmnist-v1"
+VERSION = "fmnist-v2"  # v2: shards without per-member pax headers
 
 
 def cache_root() -> Path:

@@ -1,4 +1,5 @@
-"""View policies: how one decoded image becomes the list of augmented views a method consumes.
+"""View policies: how one decoded image (uint8 tensor [3, H, W]) becomes the augmented views a
+method consumes.
 
 A policy is named in the recipe (`data.views.policy`) and reads its parameters from
 `data.views`; the defaults are the papers' values (reference/methods.md §1.3).
@@ -10,12 +11,11 @@ from collections.abc import Callable
 
 import torch
 import torchvision.transforms.v2 as T
-from PIL import Image
 
 from bigssl.config import ViewsConfig
 from bigssl.errors import ConfigError
 
-ViewPolicy = Callable[[Image.Image], list[torch.Tensor]]
+ViewPolicy = Callable[[torch.Tensor], list[torch.Tensor]]
 
 
 def blur_kernel(size: int) -> int:
@@ -46,8 +46,8 @@ def simclr_transform(config: ViewsConfig) -> T.Compose:
     ])
 
 
-def two_views(transform: Callable[[Image.Image], torch.Tensor]) -> ViewPolicy:
-    def policy(image: Image.Image) -> list[torch.Tensor]:
+def two_views(transform: Callable[[torch.Tensor], torch.Tensor]) -> ViewPolicy:
+    def policy(image: torch.Tensor) -> list[torch.Tensor]:
         return [transform(image), transform(image)]
 
     return policy

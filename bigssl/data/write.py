@@ -65,7 +65,8 @@ def write_shards(samples: Iterable[Sample], out: Path, classes: list[str] | None
     for sample in samples:
         if writer is None or count >= maxcount or size >= maxsize:
             close()
-            writer = wds.TarWriter(str(out / _shard_name(len(shards))))
+            # A fixed mtime: the same input gives byte-identical shards, and no pax header per member.
+            writer = wds.TarWriter(str(out / _shard_name(len(shards))), mtime=0)
             count = size = 0
         record: dict[str, object] = {"__key__": f"{total:09d}", sample.ext: sample.image}
         if sample.label is not None:

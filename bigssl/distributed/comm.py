@@ -10,6 +10,14 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
+_cpu_group: dist.ProcessGroup | None = None  # gloo group for CPU-side collectives under NCCL
+
+
+def set_cpu_group(group: dist.ProcessGroup | None) -> None:
+    """Called once by env.init: where small CPU tensors and Python objects travel."""
+    global _cpu_group
+    _cpu_group = group
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -64,6 +72,32 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     out = x.detach().clone()
     dist.all_reduce(out)
     return out / world_size()
+
+
+def all_reduce_sum_cpu(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a small CPU tensor over ranks (counters); no gradient."""
+    if not is_distributed():
+        return x.clone()
+    out = x.detach().clone()
+    dist.all_reduce(out, group=_cpu_group)
+    return out
+
+
+def all_agree(flag: bool) -> bool:
+    """True only if `flag` is true on every rank (e.g. 'I still have a batch')."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
+    return bool(value.item())
+
+
+def all_gather_object(obj: object) -> list[object]:
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * world_size()
+    dist.all_gather_object(out, obj, group=_cpu_group)
+    return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bigssl.distributed import comm
 from bigssl.errors import UserError
 
 
@@ -101,6 +102,8 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
     )
     if dist.get_world_size() != env.world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, expected {env.world_size}")
+    # Counters, flags and positions are small CPU objects: under NCCL they go through gloo.
+    comm.set_cpu_group(dist.new_group(backend="gloo") if backend == "nccl" else None)
     return backend
 
 
@@ -109,6 +112,7 @@ def shutdown(clean: bool = True) -> None:
     if dist.is_initialized():
         if clean:
             dist.barrier()
+        comm.set_cpu_group(None)
         dist.destroy_process_group()
 
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigssl.config import ViewsConfig
-from bigssl.data.shards import ShardStream, StreamPosition, decode_image, decode_label, loader
-from bigssl.data.views import eval_transform
+from bigssl.data.pipeline import eval_batches
+from bigssl.data.shards import ShardSet
 from bigssl.distributed import comm
 
 
@@ -24,34 +24,21 @@ class Features:
     labels: torch.Tensor  # [N]
 
 
-class _EvalSample:
-    """Picklable sample transform for DataLoader workers."""
-
-    def __init__(self, views: ViewsConfig) -> None:
-        self.transform = eval_transform(views)
-
-    def __call__(self, sample: dict) -> tuple[torch.Tensor, int]:
-        return self.transform(decode_image(sample)), decode_label(sample)
-
-
 @torch.no_grad()
-def extract(model: nn.Module, urls: list[str], views: ViewsConfig, batch_size: int, workers: int,
-            device: torch.device) -> Features:
-    """Embed every labelled sample of `urls` once (exact split over ranks), gathered to all ranks."""
-    position = StreamPosition(rank=comm.rank(), world_size=comm.world_size())
-    my_shards = len(urls[position.rank :: position.world_size])
-    stream = ShardStream(urls, _EvalSample(views), position, resampled=False)
+def extract(model: nn.Module, shards: ShardSet, views: ViewsConfig, batch_size: int, workers: int,
+            device: torch.device, timeout_s: float = 0.0) -> Features:
+    """Embed every labelled sample of `shards` once (split over ranks), gathered to all ranks."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for images, label in loader(stream, batch_size, min(workers, my_shards), drop_last=False):
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    for batch in eval_batches(shards, views, comm.rank(), comm.world_size(), batch_size, workers, timeout_s):
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
         feats.append(F.normalize(model(images).float(), dim=1).cpu())
-        labels.append(label)
+        labels.append(batch["label"])
     model.train(was_training)
-    local = Features(torch.cat(feats) if feats else torch.zeros(0, 0), torch.cat(labels) if labels else
-                     torch.zeros(0, dtype=torch.long))
-    return Features(comm.gather_variable(local.features), comm.gather_variable(local.labels))
+    local_feats = torch.cat(feats) if feats else torch.zeros(0, 0)
+    local_labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+    return Features(comm.gather_variable(local_feats), comm.gather_variable(local_labels))
 
 
 def weighted_knn(train: Features, test: Features, k: int = 20, temperature: float = 0.07,
@@ -73,8 +60,3 @@ def weighted_knn(train: Features, test: Features, k: int = 20, temperature: floa
         correct5 += ((ranked == truth[:, None]).any(dim=1) & voted).sum().item()
     n = len(test.labels)
     return {"top1": correct1 / n, "top5": correct5 / n}
-
-
-def pixel_features(urls: list[str], views: ViewsConfig, batch_size: int, workers: int) -> Features:
-    """Raw pixels as features: the floor any learned representation should beat."""
-    return extract(nn.Flatten(), urls, views, batch_size, workers, torch.device("cpu"))

@@ -1,0 +1,105 @@
+"""The data side of a run, as the trainer sees it: epoch length, one loader per epoch, the
+resumable position, skip counters. Also the labelled evaluation stream."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from bigssl.config import Config, ViewsConfig
+from bigssl.data.decode import decode_label, decode_rgb, image_bytes
+from bigssl.data.loader import BatchLoader
+from bigssl.data.position import Consumed
+from bigssl.data.shards import ShardSet, resolve
+from bigssl.data.stream import ShardStream, StreamSpec, check_exact_split, samples_per_rank
+from bigssl.data.views import ViewPolicy, build_policy, eval_transform
+from bigssl.errors import ConfigError
+
+SKIP_REASONS = ("decode_error", "no_image", "missing_label", "bad_label", "shard_error")
+
+
+class TrainSample:
+    """Raw sample → {"views", "label"} (runs in DataLoader workers, so it must pickle)."""
+
+    def __init__(self, policy: ViewPolicy, require_labels: bool, fast_decode: bool) -> None:
+        self.policy = policy
+        self.require_labels = require_labels
+        self.fast_decode = fast_decode
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        label = decode_label(sample, self.require_labels)
+        return {"views": self.policy(decode_rgb(image_bytes(sample), self.fast_decode)), "label": label}
+
+
+class EvalSample:
+    """Raw sample → {"image", "label"}: the deterministic view, labels required."""
+
+    def __init__(self, views: ViewsConfig) -> None:
+        self.transform = eval_transform(views)
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        label = decode_label(sample, required=True)
+        return {"image": self.transform(decode_rgb(image_bytes(sample))), "label": label}
+
+
+class TrainData:
+    def __init__(self, config: Config, rank: int, world_size: int, local_batch: int) -> None:
+        data = config.data
+        self.config = config
+        self.rank, self.world_size, self.local_batch = rank, world_size, local_batch
+        self.shards: ShardSet = resolve(data.train, "data.train", data.weights)
+        self.exact = data.mode == "exact"
+        if self.exact:
+            self.shards.require_counts("data.mode=exact")
+            check_exact_split(self.shards, world_size, data.workers)
+        samples = data.samples_per_epoch or self.shards.total
+        if not samples:
+            raise ConfigError("data.samples_per_epoch: the size of data.train is unknown (no index.json); set it")
+        self.steps_per_epoch = samples // config.optim.batch_size
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"optim.batch_size={config.optim.batch_size} exceeds the {samples} samples per epoch")
+        self.policy = build_policy(data.views)
+
+    def spec(self, epoch: int, restart_step: int) -> StreamSpec:
+        data = self.config.data
+        # A resampled stream restarted mid-epoch draws afresh rather than replaying the epoch's start.
+        seed = self.config.seed if self.exact else self.config.seed * 1_000_003 + restart_step
+        return StreamSpec(mode=data.mode, seed=seed, epoch=epoch, rank=self.rank, world_size=self.world_size,
+                          interleave=data.interleave, shuffle_buffer=data.shuffle_buffer,
+                          micro_batch=data.micro_batch or self.local_batch)
+
+    def planned_steps(self, epoch: int, epoch_step: int, consumed: Consumed) -> int:
+        """Steps left in this epoch. Exact mode: as many full batches as the rank with the
+        fewest remaining samples can make (the tail that cannot fill a step on every rank is
+        left out, as drop_last does)."""
+        left = self.steps_per_epoch - epoch_step
+        if not self.exact:
+            return left
+        per_rank = samples_per_rank(self.shards, self.spec(epoch, 0), self.config.data.workers, consumed)
+        return min(left, min(per_rank) // self.local_batch)
+
+    def loader(self, epoch: int, restart_step: int, consumed: Consumed) -> BatchLoader:
+        data = self.config.data
+        sample = TrainSample(self.policy, data.require_labels, data.fast_decode)
+        stream = ShardStream(self.shards, sample, self.spec(epoch, restart_step), consumed if self.exact else None)
+        return BatchLoader(stream, self.local_batch, data.workers, data.timeout_s,
+                           consumed=consumed if self.exact else None)
+
+    def fingerprint(self) -> list[str]:
+        return self.shards.urls
+
+
+def skip_vector(skipped: dict[str, int]) -> torch.Tensor:
+    return torch.tensor([skipped.get(reason, 0) for reason in SKIP_REASONS], dtype=torch.long)
+
+
+def eval_batches(shards: ShardSet, views: ViewsConfig, rank: int, world_size: int, batch_size: int,
+                 workers: int, timeout_s: float) -> Iterator[dict[str, Any]]:
+    """Every labelled sample of `shards` once over all ranks, in batches (the last one smaller)."""
+    spec = StreamSpec(mode="exact", rank=rank, world_size=world_size, interleave=1, shuffle_buffer=0,
+                      micro_batch=min(batch_size, 64))
+    my_shards = max(1, len(shards.shards[rank::world_size]))
+    stream = ShardStream(shards, EvalSample(views), spec)
+    yield from BatchLoader(stream, batch_size, min(workers, my_shards), timeout_s, keep_tail=True)

@@ -1,0 +1,249 @@
+"""The sample stream of one rank: shards split by rank then by DataLoader worker, read
+front to back a few at a time, shuffled, decoded, and handed out as small collated batches.
+
+Modes
+- resampled: every (rank, worker) draws shards with replacement, forever (sources picked by
+  `data.weights`); the trainer decides where an epoch ends.
+- exact: the epoch's shards, shuffled by (seed, epoch), are dealt to ranks and then to
+  workers so that sample counts balance; every sample is read once per epoch over all ranks
+  and workers, minus what `Consumed` says was already used before a restart.
+
+Each worker interleaves `interleave` open shards and passes samples through a shuffle buffer
+of `shuffle_buffer` samples, all seeded by (seed, epoch, rank, worker). Bad samples (see
+`decode.BadSample`) and unreadable shards are skipped and counted by reason; every
+micro-batch carries the worker's counters and the (shard, ordinal) of each sample, good or
+bad, so the loader can track the position and report the skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, default_collate, get_worker_info
+from webdataset.gopen import gopen
+
+from bigssl.data import tar
+from bigssl.data.decode import BadSample
+from bigssl.data.position import Consumed
+from bigssl.data.shards import ShardSet
+from bigssl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    mode: str = "resampled"  # resampled | exact
+    seed: int = 0
+    epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    interleave: int = 4
+    shuffle_buffer: int = 1000
+    micro_batch: int = 32
+
+
+def deal(shard_set: ShardSet, spec: StreamSpec, workers: int,
+         consumed: Consumed | None = None) -> list[list[list[int]]]:
+    """Exact mode: shard indices for each [rank][worker], balanced by samples still to read.
+
+    Shards go in a (seed, epoch) shuffled order, each to the least-loaded rank, then within a
+    rank to its least-loaded worker; every rank computes the same deal. Without an index,
+    every shard counts as one unit of load.
+    """
+    order = list(range(len(shard_set.shards)))
+    random.Random(f"{spec.seed}/{spec.epoch}/order").shuffle(order)
+    left = {i: (shard_set.shards[i].samples or 1) - (consumed.count(i) if consumed else 0) for i in order}
+    ranks: list[list[int]] = [[] for _ in range(spec.world_size)]
+    rank_load = [0] * spec.world_size
+    for shard in order:
+        if left[shard] <= 0:
+            continue
+        target = min(range(spec.world_size), key=lambda r: (rank_load[r], r))
+        ranks[target].append(shard)
+        rank_load[target] += left[shard]
+    result = []
+    for shards in ranks:
+        per_worker: list[list[int]] = [[] for _ in range(workers)]
+        worker_load = [0] * workers
+        for shard in shards:
+            target = min(range(workers), key=lambda w: (worker_load[w], w))
+            per_worker[target].append(shard)
+            worker_load[target] += left[shard]
+        result.append(per_worker)
+    return result
+
+
+def check_exact_split(shard_set: ShardSet, world_size: int, workers: int) -> None:
+    needed = world_size * max(1, workers)
+    if len(shard_set.shards) < needed:
+        raise ConfigError(
+            f"data.mode=exact: {len(shard_set.shards)} shards cannot feed {world_size} ranks × {max(1, workers)} "
+            f"workers; it needs at least {needed} shards (write smaller shards or lower data.workers)")
+
+
+def samples_per_rank(shard_set: ShardSet, spec: StreamSpec, workers: int, consumed: Consumed | None) -> list[int]:
+    """Samples each rank will read this epoch in exact mode."""
+    dealt = deal(shard_set, spec, workers, consumed)
+    return [sum(shard_set.shards[s].samples - (consumed.count(s) if consumed else 0)
+                for worker in rank for s in worker) for rank in dealt]
+
+
+def _close(stream, finished: bool) -> None:
+    """Close a shard stream; a `pipe:` command left mid-stream (a timeout, an early stop) is
+    killed first, since closing waits for it to exit."""
+    if stream is None:
+        return
+    process = getattr(stream, "proc", None)
+    if process is not None and not finished and process.poll() is None:
+        process.kill()
+        process.wait()
+        stream.ignore_errors = True
+    with contextlib.suppress(OSError):  # a killed or failed pipe: counted already, or stopped on purpose
+        stream.close()
+
+
+def _worker() -> tuple[int, int]:
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info else (0, 1)
+
+
+class ShardStream(IterableDataset):
+    """Yields micro-batches: {"data": collated transform outputs | None, "shard", "ordinal",
+    "good" (per sample: decoded or skipped), "stats" (this worker's skip counters), "worker"}."""
+
+    def __init__(self, shard_set: ShardSet, transform: Callable[[dict[str, Any]], dict[str, Any]],
+                 spec: StreamSpec, consumed: Consumed | None = None) -> None:
+        super().__init__()
+        self.shard_set = shard_set
+        self.transform = transform
+        self.spec = spec
+        self.consumed = consumed
+
+    # ------------------------------------------------------------------ shard selection
+    def _resampled(self, rng: random.Random) -> Iterator[int]:
+        by_source: dict[int, list[int]] = {}
+        for index, shard in enumerate(self.shard_set.shards):
+            by_source.setdefault(shard.source, []).append(index)
+        sources = sorted(by_source)
+        # Weights are per sample: a source of larger shards is drawn less often.
+        mean_size = {s: sum(self.shard_set.shards[i].samples or 1 for i in by_source[s]) / len(by_source[s])
+                     for s in sources}
+        weights = [self.shard_set.weights[s] / mean_size[s] for s in sources]
+        while True:
+            source = rng.choices(sources, weights)[0]
+            yield rng.choice(by_source[source])
+
+    def _shards(self, worker: int, workers: int, rng: random.Random) -> Iterator[int]:
+        if self.spec.mode == "resampled":
+            return self._resampled(rng)
+        return iter(deal(self.shard_set, self.spec, workers, self.consumed)[self.spec.rank][worker])
+
+    # --------------------------------------------------------------------------- reading
+    def _read(self, shard: int, stats: Counter) -> Iterator[tuple[int, int, dict[str, Any]]]:
+        """(shard, ordinal, raw sample) for the samples of one shard not yet consumed."""
+        url = self.shard_set.shards[shard].url
+        expected = self.shard_set.shards[shard].samples
+
+        def shard_error(message: str) -> None:
+            stats["shard_error"] += 1
+            if stats["shard_error"] <= 3:
+                print(f"bigssl: {message}", file=sys.stderr, flush=True)
+
+        read = 0
+        finished = False
+        stream = None
+        try:
+            stream = gopen(url, "rb")
+            for ordinal, sample in enumerate(tar.samples(stream)):
+                read = ordinal + 1
+                if self.consumed is not None and self.consumed.contains(shard, ordinal):
+                    continue
+                yield shard, ordinal, sample
+            finished = True
+        except (OSError, ValueError, EOFError) as err:  # tar.TarFormatError is a ValueError
+            shard_error(f"skipping the rest of unreadable shard {url}: {err}")
+            return
+        finally:
+            _close(stream, finished)
+        # A shard cut at a member boundary looks complete; the index tells it apart.
+        if expected is not None and read < expected:
+            shard_error(f"shard {url} ended after {read} of its {expected} samples (truncated?)")
+
+    def _interleaved(self, rng: random.Random, shards: Iterator[int], stats: Counter):
+        open_readers: list[Iterator] = []
+        while True:
+            while len(open_readers) < self.spec.interleave:
+                shard = next(shards, None)
+                if shard is None:
+                    break
+                open_readers.append(self._read(shard, stats))
+            if not open_readers:
+                return
+            slot = rng.randrange(len(open_readers))
+            item = next(open_readers[slot], None)
+            if item is None:
+                open_readers.pop(slot)
+                continue
+            yield item
+
+    def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
+        if self.spec.shuffle_buffer <= 1:
+            yield from items
+            return
+        buffer: list = []
+        for item in items:
+            if len(buffer) < self.spec.shuffle_buffer:
+                buffer.append(item)
+                continue
+            slot = rng.randrange(len(buffer))
+            yield buffer[slot]
+            buffer[slot] = item
+        rng.shuffle(buffer)
+        yield from buffer
+
+    # ------------------------------------------------------------------------ batching
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, workers = _worker()
+        spec = self.spec
+        rng = random.Random(f"{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
+        if get_worker_info() is not None:
+            # Augmentations draw from the worker's torch generator: seed it from the same
+            # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
+            torch.manual_seed(rng.getrandbits(63))
+        stats: Counter = Counter()
+        pending: list[tuple[int, int, dict[str, Any] | None]] = []
+        good = 0
+        items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
+        for shard, ordinal, sample in items:
+            try:
+                out = self.transform(sample)
+                first_id = self.shard_set.shards[shard].first_id
+                out["id"] = -1 if first_id is None else first_id + ordinal
+                good += 1
+            except BadSample as bad:
+                stats[bad.reason] += 1
+                out = None
+            pending.append((shard, ordinal, out))
+            if good == spec.micro_batch:
+                yield self._collate(pending, stats, worker)
+                pending, good = [], 0
+        if pending:
+            yield self._collate(pending, stats, worker)
+
+    @staticmethod
+    def _collate(pending: list, stats: Counter, worker: int) -> dict[str, Any]:
+        outputs = [out for _, _, out in pending if out is not None]
+        return {
+            "data": default_collate(outputs) if outputs else None,
+            "shard": torch.tensor([s for s, _, _ in pending], dtype=torch.long),
+            "ordinal": torch.tensor([o for _, o, _ in pending], dtype=torch.long),
+            "good": torch.tensor([out is not None for _, _, out in pending], dtype=torch.bool),
+            "stats": dict(stats),
+            "worker": worker,
+        }

@@ -1,0 +1,108 @@
+"""Bad data is skipped, counted by reason and reported; a stalled stream fails clearly."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from datasets import encoded
+from helpers import QUICKSTART, run_cli
+
+from bigssl.config import ViewsConfig
+from bigssl.data.loader import BatchLoader, DataStall
+from bigssl.data.pipeline import EvalSample
+from bigssl.data.shards import resolve
+from bigssl.data.stream import ShardStream, StreamSpec
+
+GOOD_PER_SHARD = 10
+
+
+def write_tar(path: Path, records: list[dict]) -> None:
+    with wds.TarWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+
+
+def good(key: int) -> dict:
+    return {"__key__": f"{key:09d}", "jpg": encoded(key * 7, size=16, fmt="JPEG"), "cls": str(key % 2).encode()}
+
+
+@pytest.fixture(scope="module")
+def damaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shard 0: 10 good samples and one of each bad kind. Shard 1: 10 good samples, cut off
+    in the middle of sample 6. Shard 2: 10 good samples."""
+    root = tmp_path_factory.mktemp("damaged")
+    jpeg = encoded(99, size=16, fmt="JPEG")
+    bad = [
+        {"__key__": "000000010", "jpg": jpeg[: len(jpeg) // 2], "cls": b"0"},  # truncated JPEG
+        {"__key__": "000000011", "jpg": b"this is not an image", "cls": b"1"},  # garbage named .jpg
+        {"__key__": "000000012", "txt": b"a caption and no image", "cls": b"0"},  # no image member
+        {"__key__": "000000013", "jpg": jpeg},  # no label
+    ]
+    write_tar(root / "shard-000000.tar", [good(k) for k in range(10)] + bad)
+    write_tar(root / "shard-000001.tar", [good(k) for k in range(14, 24)])
+    with tarfile.open(root / "shard-000001.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "000000020.cls").offset + 100
+    with open(root / "shard-000001.tar", "r+b") as handle:
+        handle.truncate(cut)
+    write_tar(root / "shard-000002.tar", [good(k) for k in range(24, 34)])
+    index = {"format": "bigssl-shards/1", "samples": 34, "classes": ["even", "odd"],
+             "shards": [{"name": "shard-000000.tar", "samples": 14, "first_id": 0},
+                        {"name": "shard-000001.tar", "samples": 10, "first_id": 14},
+                        {"name": "shard-000002.tar", "samples": 10, "first_id": 24}]}
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_kind_of_bad_data_is_skipped_and_counted(damaged: Path, workers: int):
+    shards = resolve(str(damaged / "shard-{000000..000002}.tar"))
+    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact", shuffle_buffer=4))
+    loader = BatchLoader(stream, batch_size=4, workers=workers, keep_tail=True)
+    ids = sorted(i for batch in loader for i in batch["id"].tolist())
+    # Shard 1 yields samples 14..18, then is abandoned: the cut falls in the first header of
+    # sample 20, before the reader could know that sample 19 was complete.
+    assert ids == list(range(10)) + list(range(14, 19)) + list(range(24, 34))
+    assert loader.skipped() == {"decode_error": 2, "no_image": 1, "missing_label": 1, "shard_error": 1}
+
+
+def test_bad_data_is_reported_by_a_training_run(damaged: Path, tmp_path: Path):
+    run = tmp_path / "run"
+    result = run_cli("train", str(QUICKSTART), f"data.train={damaged}/shard-{{000000..000002}}.tar", "data.val=",
+                     "data.mode=exact", "data.workers=1", "data.require_labels=true", "data.views.size=16",
+                     "optim.batch_size=8", "optim.epochs=2", "model.backbone_args.channels=[8,16,32,64]",
+                     f"log.dir={run}", "log.every_steps=1", "eval.knn_at_end=false", timeout=300)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    # Two epochs: every bad sample met twice, the cut shard twice.
+    assert (last["data/skipped_decode_error"], last["data/skipped_no_image"], last["data/skipped_missing_label"],
+            last["data/skipped_shard_error"]) == (4, 2, 2, 2)
+    assert "skipped data: 4 decode_error, 2 no_image, 2 missing_label" in result.stderr
+    assert "2 shard_error" in result.stderr
+    # 25 good samples per epoch at batch 8: 3 steps each.
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stream_that_hangs_fails_after_the_timeout(damaged: Path, workers: int):
+    shards = resolve(f"pipe:exec sleep 30 2>/dev/null::{damaged}/shard-000002.tar")
+    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact", interleave=2))
+    start = time.monotonic()
+    with pytest.raises(DataStall, match="no samples for 2 s"):
+        list(BatchLoader(stream, batch_size=4, workers=workers, timeout_s=2))
+    assert time.monotonic() - start < 20
+
+
+def test_a_hanging_pipe_stops_training_with_one_line(tmp_path: Path):
+    start = time.monotonic()
+    result = run_cli("train", str(QUICKSTART), "data.train=pipe:exec sleep 60 2>/dev/null", "data.val=",
+                     "data.samples_per_epoch=64", "data.timeout_s=3", "optim.batch_size=8",
+                     "model.backbone_args.channels=[8,16,32,64]", f"log.dir={tmp_path}/run", timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("bigssl: error: data: no samples for 3 s")
+    assert time.monotonic() - start < 50
