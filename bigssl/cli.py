@@ -34,17 +34,14 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from bigssl.data.write import folder_samples, list_samples, write_shards
+    from bigssl.data.build import Options, build
 
-    src = Path(args.src)
-    if src.is_dir():
-        classes, samples = folder_samples(src, args.resize, args.quality)
-    elif src.is_file():
-        classes, samples = list_samples(src, args.resize, args.quality)
-    else:
-        raise UserError(f"shards: source not found: {src}")
-    index = write_shards(samples, Path(args.out), classes, args.maxcount, args.maxsize)
-    print(f"wrote {index['samples']} samples in {len(index['shards'])} shards to {args.out}")
+    options = Options(maxcount=args.maxcount, maxsize=args.maxsize, resize=args.resize, quality=args.quality,
+                      shuffle_seed=None if args.no_shuffle else args.seed)
+    index = build(Path(args.src), Path(args.out), options, workers=args.workers, progress_bar=not args.quiet)
+    skipped = index.get("skipped_inputs", 0)
+    print(f"{args.out}: {index['samples']} samples in {len(index['shards'])} shards"
+          + (f", {skipped} unreadable inputs skipped" if skipped else ""))
     return 0
 
 
@@ -60,12 +57,16 @@ def parser() -> argparse.ArgumentParser:
 
     shards = commands.add_parser("shards", help="image folder or CSV/JSONL file list → WebDataset tar shards")
     shards.add_argument("src", help="image folder (one subfolder per class) or a .csv/.jsonl list")
-    shards.add_argument("out", help="output directory (must not already hold shards)")
+    shards.add_argument("out", help="output directory: empty, or a previous run of this command to resume")
     shards.add_argument("--maxcount", type=int, default=10000, help="samples per shard at most")
     shards.add_argument("--maxsize", type=int, default=1 << 30, help="bytes per shard at most")
     shards.add_argument("--resize", type=int, default=None, metavar="SHORT_SIDE",
                         help="re-encode as JPEG with this short side (smaller images only shrink)")
     shards.add_argument("--quality", type=int, default=90, help="JPEG quality with --resize")
+    shards.add_argument("--workers", type=int, default=0, help="encoding processes (default: all cores)")
+    shards.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle")
+    shards.add_argument("--no-shuffle", action="store_true", help="keep the listing order (class by class)")
+    shards.add_argument("--quiet", action="store_true", help="no progress bar")
     shards.set_defaults(run=_shards)
     return root
 

@@ -184,7 +184,7 @@ class Trainer:
         last_saved = p.step
         epoch_skips: dict[str, int] = {}  # this rank's skips in the current epoch
         while p.step < self.last_step and p.epoch < config.optim.epochs:
-            planned = self.data.planned_steps(p.epoch, p.epoch_step, p.consumed)
+            planned = p.epoch_step + self.data.planned_steps(p.epoch, p.epoch_step, p.consumed)  # epoch's last step
             loader = self.data.loader(p.epoch, p.step, p.consumed)
             batches = iter(loader)
             while p.epoch_step < planned and p.step < self.last_step:
