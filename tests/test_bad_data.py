@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 import time
 from pathlib import Path
@@ -106,3 +107,14 @@ def test_a_hanging_pipe_stops_training_with_one_line(tmp_path: Path):
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("bigssl: error: data: no samples for 3 s")
     assert time.monotonic() - start < 50
+
+
+def test_a_shard_that_disappears_mid_run_is_counted(damaged: Path, tmp_path: Path):
+    copy = tmp_path / "copy"
+    shutil.copytree(damaged, copy)
+    shards = resolve(str(copy / "shard-{000000..000002}.tar"))  # checked at start: all there
+    (copy / "shard-000002.tar").unlink()  # then lost before it is read
+    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact"))
+    loader = BatchLoader(stream, batch_size=4, workers=0, keep_tail=True)
+    assert sum(len(batch["id"]) for batch in loader) == 15
+    assert loader.skipped()["shard_error"] == 2  # the truncated shard and the missing one

@@ -14,7 +14,7 @@ def _worker(rank: int, world_size: int, out_dir: str) -> None:
     from bigssl.distributed import comm
 
     gathered = comm.gather_variable(rows(rank))
-    empty = comm.gather_variable(torch.zeros(0, 2) if rank == 1 else rows(rank))
+    empty = comm.gather_variable(torch.zeros(0, 0) if rank == 1 else rows(rank))  # shape unknown when empty
     mean = comm.all_reduce_mean(torch.tensor(float(rank)))
     torch.save({"gathered": gathered, "empty": empty, "mean": mean, "world": comm.world_size()},
                Path(out_dir) / f"rank{rank}.pt")

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import QUICKSTART, free_port, run_cli, worker_env
 from safetensors.torch import load_file
 
@@ -91,3 +92,19 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path):
     # Steps the killed run logged after its checkpoint are dropped: no gap, no duplicate.
     assert train_steps(run) == list(range(1, 31))
     assert (run / "checkpoints" / "step_00000030").is_dir()
+
+
+@pytest.mark.distributed
+def test_exact_epochs_on_two_processes_record_a_merged_position(tmp_path: Path):
+    run = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", "-m"]
+    result = run_cli("train", str(QUICKSTART), *SMALL, f"log.dir={run}", "data.mode=exact", "optim.max_steps=3",
+                     "checkpoint.every_steps=2", "eval.knn_at_end=false", launcher=torchrun)
+    assert result.returncode == 0, result.stderr
+    assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
+    state = torch.load(run / "checkpoints" / "step_00000002" / "state.pt", weights_only=True)
+    position = state["extra"]["consumed"]
+    consumed = sum(position["prefix_ends"]) + len(position["beyond_ordinals"])
+    assert consumed == 2 * 32  # two steps of the global batch, gathered from both ranks
+    assert (state["extra"]["epoch"], state["extra"]["epoch_step"]) == (0, 2)

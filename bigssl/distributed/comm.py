@@ -57,8 +57,11 @@ def gather_variable(x: torch.Tensor) -> torch.Tensor:
     """Concatenate tensors whose first dimension differs between ranks (no gradient)."""
     if not is_distributed():
         return x.detach()
-    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
-    sizes = gather_no_grad(size).tolist()
+    shapes = all_gather_object(tuple(x.shape))
+    if x.shape[0] == 0:  # a rank with nothing may not know the other dimensions: take them from the others
+        trailing = next((shape[1:] for shape in shapes if shape[0] > 0), tuple(x.shape[1:]))
+        x = x.new_zeros((0, *trailing))
+    sizes = [shape[0] for shape in shapes]
     padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=x.device)
     padded[: x.shape[0]] = x.detach()
     gathered = gather_no_grad(padded).split(max(sizes))
