@@ -19,6 +19,7 @@ import torch
 from bigssl import config as config_lib
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
+from bigssl.data.loader import DataError
 from bigssl.data.pipeline import SKIP_REASONS, TrainData, skip_vector
 from bigssl.data.position import Consumed
 from bigssl.data.shards import resolve
@@ -190,8 +191,14 @@ class Trainer:
             while p.epoch_step < planned and p.step < self.last_step:
                 fetch_start = time.perf_counter()
                 batch = next(batches, None)
+                if not self.data.exact and batch is None:
+                    raise DataError(f"data.train: the resampled stream ended at step {p.step}; "
+                                    f"skipped so far: {self._skipped_now(loader.skipped())}")
                 # Exact epochs end when any rank runs dry (skipped samples can make one short).
-                if not (comm.all_agree(batch is not None) if self.data.exact else batch is not None):
+                if self.data.exact and not comm.all_agree(batch is not None):
+                    if p.epoch_step == 0:
+                        raise DataError(f"data.train: epoch {p.epoch} gave no full batch on some rank; "
+                                        f"skipped so far: {self._skipped_now(loader.skipped())}")
                     break
                 batch = self._to_device(batch)
                 window.data_wait += time.perf_counter() - fetch_start
@@ -228,7 +235,7 @@ class Trainer:
         if self.env.is_main:
             save_backbone(self.method.backbone, self.run_dir / "backbone.safetensors")
         final_scores: dict[str, float] = {}
-        if evaluating and (config.eval.knn_at_end or self._knn_due(p.epoch)):
+        if evaluating and (config.eval.knn_at_end or (p.epoch_step == 0 and self._knn_due(p.epoch))):
             final_scores = self._knn()
             monitor.log(p.step, {"knn/top1": final_scores["top1"], "knn/top5": final_scores["top5"]})
             monitor.message(self._summary(p.step, final_scores))

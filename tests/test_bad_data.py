@@ -14,7 +14,7 @@ from datasets import encoded
 from helpers import QUICKSTART, run_cli
 
 from bigssl.config import ViewsConfig
-from bigssl.data.loader import BatchLoader, DataStall
+from bigssl.data.loader import BatchLoader, DataError, DataStall
 from bigssl.data.pipeline import EvalSample
 from bigssl.data.shards import resolve
 from bigssl.data.stream import ShardStream, StreamSpec
@@ -118,3 +118,13 @@ def test_a_shard_that_disappears_mid_run_is_counted(damaged: Path, tmp_path: Pat
     loader = BatchLoader(stream, batch_size=4, workers=0, keep_tail=True)
     assert sum(len(batch["id"]) for batch in loader) == 15
     assert loader.skipped()["shard_error"] == 2  # the truncated shard and the missing one
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_path: Path, workers: int):
+    for i in range(3):
+        (tmp_path / f"bad-{i}.tar").write_bytes(b"garbage" * 100)
+    stream = ShardStream(resolve(str(tmp_path / "bad-{0..2}.tar")), EvalSample(ViewsConfig(size=16)),
+                         StreamSpec(mode="resampled"))
+    with pytest.raises(DataError, match=r"data: 8 shards in a row gave no sample \({'shard_error': 8}\)"):
+        next(iter(BatchLoader(stream, batch_size=4, workers=workers, timeout_s=60)))

@@ -21,7 +21,11 @@ from bigssl.data.stream import ShardStream
 from bigssl.errors import UserError
 
 
-class DataStall(UserError):
+class DataError(UserError):
+    """The data stream cannot feed the run."""
+
+
+class DataStall(DataError):
     """No data arrived within data.timeout_s."""
 
 
@@ -110,6 +114,8 @@ class BatchLoader:
                 if "timed out" in str(err):
                     raise DataStall(message) from err
                 raise
+            if "fatal" in micro:
+                raise DataError(f"data: {micro['fatal']}")
             self.worker_stats[micro["worker"]] = micro["stats"]
             yield micro
 

@@ -94,6 +94,10 @@ def samples_per_rank(shard_set: ShardSet, spec: StreamSpec, workers: int, consum
                 for worker in rank for s in worker) for rank in dealt]
 
 
+class NoData(Exception):
+    """The stream cannot produce samples at all."""
+
+
 def _close(stream, finished: bool) -> None:
     """Close a shard stream; a `pipe:` command left mid-stream (a timeout, an early stop) is
     killed first, since closing waits for it to exit."""
@@ -176,20 +180,26 @@ class ShardStream(IterableDataset):
             shard_error(f"shard {url} ended after {read} of its {expected} samples (truncated?)")
 
     def _interleaved(self, rng: random.Random, shards: Iterator[int], stats: Counter):
-        open_readers: list[Iterator] = []
+        open_readers: list[list] = []  # [reader, samples it gave]
+        barren = 0  # shards in a row that gave nothing
+        limit = max(8, 2 * len(self.shard_set.shards))
         while True:
             while len(open_readers) < self.spec.interleave:
                 shard = next(shards, None)
                 if shard is None:
                     break
-                open_readers.append(self._read(shard, stats))
+                open_readers.append([self._read(shard, stats), 0])
             if not open_readers:
                 return
             slot = rng.randrange(len(open_readers))
-            item = next(open_readers[slot], None)
+            item = next(open_readers[slot][0], None)
             if item is None:
-                open_readers.pop(slot)
+                barren = barren + 1 if open_readers.pop(slot)[1] == 0 else 0
+                if barren >= limit:  # a resampled stream would otherwise spin on bad shards forever
+                    raise NoData(f"{barren} shards in a row gave no sample ({dict(stats)}); is data.train "
+                                 f"readable? first shard: {self.shard_set.shards[0].url}")
                 continue
+            open_readers[slot][1] += 1
             yield item
 
     def _shuffled(self, items: Iterator, rng: random.Random) -> Iterator:
@@ -217,9 +227,18 @@ class ShardStream(IterableDataset):
             # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
             torch.manual_seed(rng.getrandbits(63))
         stats: Counter = Counter()
+        items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
+        try:
+            yield from self._batches(items, stats, worker)
+        except NoData as err:
+            # Handed over as data: an exception raised in a DataLoader worker reaches the main
+            # process wrapped in a traceback, and the user deserves the one line.
+            yield {"fatal": str(err), "worker": worker, "stats": dict(stats)}
+
+    def _batches(self, items: Iterator, stats: Counter, worker: int) -> Iterator[dict[str, Any]]:
+        spec = self.spec
         pending: list[tuple[int, int, dict[str, Any] | None]] = []
         good = 0
-        items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
         for shard, ordinal, sample in items:
             try:
                 out = self.transform(sample)
