@@ -22,21 +22,34 @@ from bigssl.errors import ConfigError
 
 @dataclass
 class ViewsConfig:
-    """Augmentation policy; defaults are SimCLR's (Chen et al. 2020, App. A) at 224 px."""
+    """How images become views. Every field left null takes the policy's published value
+    (bigssl/data/policies.py); `--print-config` shows what each resolved to."""
 
-    policy: str = "simclr"
-    size: int = 224
-    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
-    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
-    flip_prob: float = 0.5
-    jitter_strength: float = 1.0  # s: brightness, contrast, saturation 0.8s; hue 0.2s
-    jitter_prob: float = 0.8
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
-    # Empty = feed [0, 1] pixels, as SimCLR's official code does.
-    mean: list[float] = field(default_factory=list)
-    std: list[float] = field(default_factory=list)
+    policy: str = "simclr"  # instdisc | mocov2 | simclr | byol | swav | dino | cmc | cpc | clip
+    size: int | None = None  # side of the global crops
+    views: int | None = None  # global crops per image
+    crop_scale: list[float] | None = None  # area fraction of a global crop
+    crop_ratio: list[float] | None = None
+    interpolation: str | None = None  # bilinear | bicubic
+    local_crops: int | None = None  # multi-crop: small crops per image (SwAV, DINO)
+    local_size: int | None = None
+    local_crop_scale: list[float] | None = None
+    flip_prob: float | None = None
+    jitter: list[float] | None = None  # brightness, contrast, saturation, hue
+    jitter_prob: float | None = None
+    grayscale_prob: float | None = None
+    grayscale_first: bool | None = None  # InstDisc / MoCo v1 order
+    blur_prob: list[float] | None = None  # one per global view; the last repeats
+    local_blur_prob: float | None = None
+    blur_sigma: list[float] | None = None
+    solarize_prob: list[float] | None = None  # one per global view; the last repeats
+    local_solarize_prob: float | None = None
+    mean: list[float] | None = None  # [] = feed [0, 1] pixels
+    std: list[float] | None = None
+    resize: int | None = None  # short side before a crop (evaluation, CPC, CLIP)
+    grid: int | None = None  # CPC: patches per side
+    patch: int | None = None  # CPC: patch side (stride patch / 2)
+    patch_jitter: int | None = None  # CPC: patch content is a random (patch − jitter) px sub-crop
 
 
 @dataclass
@@ -160,8 +173,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.backend": ("auto", "gloo", "nccl"),
 }
-POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "data.views.size", "log.every_steps",
-                             "data.interleave")
+POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "log.every_steps", "data.interleave")
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -236,13 +248,12 @@ def validate(config: Config) -> None:
     for key in POSITIVE:
         if get(config, key) <= 0:
             raise ConfigError(f"{key}: must be positive, got {get(config, key)}")
-    for key in ("data.views.crop_scale", "data.views.crop_ratio", "data.views.blur_sigma", "optim.betas"):
+    pairs = ("data.views.crop_scale", "data.views.crop_ratio", "data.views.local_crop_scale",
+             "data.views.blur_sigma", "optim.betas")
+    for key in pairs:
         pair = get(config, key)
-        if len(pair) != 2 or pair[0] > pair[1]:
+        if pair is not None and (len(pair) != 2 or pair[0] > pair[1]):
             raise ConfigError(f"{key}: expected [low, high] with low <= high, got {list(pair)}")
-    views = config.data.views
-    if len(views.mean) != len(views.std):
-        raise ConfigError("data.views.mean and data.views.std must have the same length")
     if not config.data.train:
         raise ConfigError("data.train: no training shards given")
     if config.data.workers < 0 or config.data.shuffle_buffer < 0 or config.data.micro_batch < 0:
@@ -252,8 +263,37 @@ def validate(config: Config) -> None:
             "data.weights: mixing weights apply to data.mode=resampled; exact epochs read every sample once")
 
 
+def _resolve_views(views: ViewsConfig) -> None:
+    from bigssl.data.policies import POLICIES, defaults
+
+    if views.policy not in POLICIES:
+        raise ConfigError(f"data.views.policy: unknown policy {views.policy!r}; known: {', '.join(sorted(POLICIES))}")
+    table = defaults(views.policy)
+    for name, value in table.items():
+        if hasattr(views, name) and getattr(views, name) is None:
+            setattr(views, name, value)
+    size = views.size
+    derived = {"local_size": table["local_size_fraction"] * size, "resize": table["resize_fraction"] * size,
+               "patch": table["patch_fraction"] * size}
+    for name, value in derived.items():
+        if getattr(views, name) is None:
+            setattr(views, name, max(1, round(value)))
+    if views.patch_jitter is None:
+        views.patch_jitter = max(0, round(table["patch_jitter_fraction"] * views.patch))
+    if views.interpolation not in ("bilinear", "bicubic"):
+        raise ConfigError(f"data.views.interpolation: {views.interpolation!r} is not bilinear or bicubic")
+    if len(views.mean) != len(views.std):
+        raise ConfigError("data.views.mean and data.views.std must have the same length")
+    if len(views.jitter) != 4:
+        raise ConfigError("data.views.jitter: expected [brightness, contrast, saturation, hue]")
+    for name in ("size", "views", "resize"):
+        if getattr(views, name) <= 0:
+            raise ConfigError(f"data.views.{name}: must be positive, got {getattr(views, name)}")
+
+
 def resolve(config: Config) -> None:
     """Fill derived values so the recorded config says exactly what ran."""
+    _resolve_views(config.data.views)
     optim = config.optim
     if optim.lr <= 0:
         if optim.lr_scaling == "linear":

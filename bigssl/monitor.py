@@ -61,6 +61,11 @@ class Monitor:
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                     self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
 
+    def image(self, tag: str, image, step: int) -> None:
+        """A [3, H, W] float image in [0, 1] to TensorBoard."""
+        if self.writer is not None:
+            self.writer.add_image(tag, image, step)
+
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)

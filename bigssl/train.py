@@ -8,6 +8,7 @@ which method or engine it runs.
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from bigssl.data.loader import DataError
 from bigssl.data.pipeline import SKIP_REASONS, TrainData, skip_vector
 from bigssl.data.position import Consumed
 from bigssl.data.shards import resolve
+from bigssl.data.views import view_grid
 from bigssl.distributed import comm
 from bigssl.distributed import env as env_lib
 from bigssl.distributed.engines import build_engine
@@ -88,12 +90,15 @@ class Trainer:
                                final=config.optim.min_lr)
         self.checkpoints = Checkpointer(self.run_dir, config.checkpoint.keep, self.env.is_main)
         self.progress = Progress()
+        self.generator = torch.Generator(device=self.device)
 
     # ----------------------------------------------------------------------------- helpers
-    def _to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        memory_format = torch.channels_last if self.config.model.channels_last else torch.contiguous_format
-        views = [v.to(self.device, non_blocking=True).contiguous(memory_format=memory_format)
-                 for v in batch["views"]]
+    def _to_device(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
+        """uint8 crops to the device, then the photometric half of the views, batched there."""
+        groups = [g.to(self.device, non_blocking=True) for g in batch["views"]]
+        key = hashlib.blake2b(f"{self.config.seed}/{self.env.rank}/{step}".encode(), digest_size=8).digest()
+        self.generator.manual_seed(int.from_bytes(key, "little") >> 1)  # reproducible per (seed, rank, step)
+        views = self.data.photometric(groups, self.generator)
         return {**batch, "views": views, "label": batch["label"].to(self.device, non_blocking=True)}
 
     def _set_lr(self, step: int) -> float:
@@ -133,7 +138,8 @@ class Trainer:
     def _knn(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         ev, data = self.config.eval, self.config.data
         model = model or self.method.backbone
-        args = (data.views, ev.batch_size, data.workers, self.device, data.timeout_s)
+        args = (data.views, self.data.photometric.normalize, ev.batch_size, data.workers, self.device,
+                data.timeout_s)
         train = knn.extract(model, self.data.shards, *args)
         val = knn.extract(model, self.val_shards, *args)
         return knn.weighted_knn(train, val, ev.knn_k, ev.knn_temperature)
@@ -200,8 +206,10 @@ class Trainer:
                         raise DataError(f"data.train: epoch {p.epoch} gave no full batch on some rank; "
                                         f"skipped so far: {self._skipped_now(loader.skipped())}")
                     break
-                batch = self._to_device(batch)
+                batch = self._to_device(batch, p.step)
                 window.data_wait += time.perf_counter() - fetch_start
+                if p.step == 0:
+                    monitor.image("views/first_batch", view_grid(batch["views"], self.data.photometric), 0)
                 lr = self._set_lr(p.step)
                 out = self.engine.forward(batch, p.step)
                 self.engine.backward(out["loss"])

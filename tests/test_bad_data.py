@@ -13,13 +13,14 @@ import webdataset as wds
 from datasets import encoded
 from helpers import QUICKSTART, run_cli
 
-from bigssl.config import ViewsConfig
+from bigssl import config as config_lib
 from bigssl.data.loader import BatchLoader, DataError, DataStall
 from bigssl.data.pipeline import EvalSample
 from bigssl.data.shards import resolve
 from bigssl.data.stream import ShardStream, StreamSpec
 
 GOOD_PER_SHARD = 10
+VIEWS = config_lib.load(None, ["data.views.size=16"]).data.views
 
 
 def write_tar(path: Path, records: list[dict]) -> None:
@@ -62,7 +63,7 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_each_kind_of_bad_data_is_skipped_and_counted(damaged: Path, workers: int):
     shards = resolve(str(damaged / "shard-{000000..000002}.tar"))
-    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact", shuffle_buffer=4))
+    stream = ShardStream(shards, EvalSample(VIEWS), StreamSpec(mode="exact", shuffle_buffer=4))
     loader = BatchLoader(stream, batch_size=4, workers=workers, keep_tail=True)
     ids = sorted(i for batch in loader for i in batch["id"].tolist())
     # Shard 1 yields samples 14..18, then is abandoned: the cut falls in the first header of
@@ -92,7 +93,7 @@ def test_bad_data_is_reported_by_a_training_run(damaged: Path, tmp_path: Path):
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_stream_that_hangs_fails_after_the_timeout(damaged: Path, workers: int):
     shards = resolve(f"pipe:exec sleep 30 2>/dev/null::{damaged}/shard-000002.tar")
-    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact", interleave=2))
+    stream = ShardStream(shards, EvalSample(VIEWS), StreamSpec(mode="exact", interleave=2))
     start = time.monotonic()
     with pytest.raises(DataStall, match="no samples for 2 s"):
         list(BatchLoader(stream, batch_size=4, workers=workers, timeout_s=2))
@@ -114,7 +115,7 @@ def test_a_shard_that_disappears_mid_run_is_counted(damaged: Path, tmp_path: Pat
     shutil.copytree(damaged, copy)
     shards = resolve(str(copy / "shard-{000000..000002}.tar"))  # checked at start: all there
     (copy / "shard-000002.tar").unlink()  # then lost before it is read
-    stream = ShardStream(shards, EvalSample(ViewsConfig(size=16)), StreamSpec(mode="exact"))
+    stream = ShardStream(shards, EvalSample(VIEWS), StreamSpec(mode="exact"))
     loader = BatchLoader(stream, batch_size=4, workers=0, keep_tail=True)
     assert sum(len(batch["id"]) for batch in loader) == 15
     assert loader.skipped()["shard_error"] == 2  # the truncated shard and the missing one
@@ -124,7 +125,7 @@ def test_a_shard_that_disappears_mid_run_is_counted(damaged: Path, tmp_path: Pat
 def test_a_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_path: Path, workers: int):
     for i in range(3):
         (tmp_path / f"bad-{i}.tar").write_bytes(b"garbage" * 100)
-    stream = ShardStream(resolve(str(tmp_path / "bad-{0..2}.tar")), EvalSample(ViewsConfig(size=16)),
+    stream = ShardStream(resolve(str(tmp_path / "bad-{0..2}.tar")), EvalSample(VIEWS),
                          StreamSpec(mode="resampled"))
     with pytest.raises(DataError, match=r"data: 8 shards in a row gave no sample \({'shard_error': 8}\)"):
         next(iter(BatchLoader(stream, batch_size=4, workers=workers, timeout_s=60)))

@@ -36,7 +36,7 @@ class IdRecorder(Method):
     def forward(self, batch, step):
         with open(self.config.method.out, "a") as handle:
             handle.write(" ".join(str(i) for i in batch["id"].tolist()) + "\n")
-        pooled = batch["views"][0].mean(dim=(2, 3))
+        pooled = batch["views"][0].mean(dim=(0, 3, 4))  # [V, B, C, S, S] → [B, C]
         return {"loss": self.backbone(pooled).pow(2).mean()}
 
 

@@ -1,23 +1,111 @@
+"""View policies: published settings, crop geometry, group shapes, the device half."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
 import torch
 
-from bigssl.config import ViewsConfig
-from bigssl.data.views import blur_kernel, build_policy, eval_transform
+from bigssl import config as config_lib
+from bigssl.config import ModelConfig
+from bigssl.data import geometry as geo
+from bigssl.data.views import EvalGeometry, Geometry, Photometric, flat, view_grid
+from bigssl.models.backbones import build_backbone
 
 
-def test_simclr_policy_gives_two_different_views_of_the_configured_size():
-    config = ViewsConfig(size=24, crop_scale=[0.2, 1.0])
-    image = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(0)
-    views = build_policy(config)(image)
-    assert len(views) == 2 and all(v.shape == (3, 24, 24) and v.dtype == torch.float32 for v in views)
-    assert not torch.equal(views[0], views[1])
-    assert float(views[0].min()) >= 0.0 and float(views[0].max()) <= 1.0  # no normalisation by default
-    plain = eval_transform(config)(image)
-    assert plain.shape == (3, 24, 24) and torch.equal(plain, eval_transform(config)(image))  # deterministic
+def views_for(policy: str, *overrides: str):
+    return config_lib.load(None, [f"data.views.policy={policy}", *overrides]).data.views
 
 
-def test_normalisation_and_blur_kernel():
-    config = ViewsConfig(size=16, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
-    image = torch.full((3, 16, 16), 255, dtype=torch.uint8)
-    assert torch.allclose(eval_transform(config)(image), torch.full((3, 16, 16), 2.0))  # (1 - 0.5) / 0.25
-    assert [blur_kernel(s) for s in (28, 96, 224)] == [3, 9, 23]  # 10% of the side, odd
+def test_policies_resolve_to_the_published_settings():
+    dino = views_for("dino")
+    assert (dino.size, dino.views, dino.local_crops, dino.local_size) == (224, 2, 8, 96)
+    assert dino.crop_scale == [0.4, 1.0] and dino.local_crop_scale == [0.05, 0.4]
+    assert dino.blur_prob == [1.0, 0.1] and dino.local_blur_prob == 0.5
+    assert dino.solarize_prob == [0.0, 0.2] and dino.interpolation == "bicubic"
+    swav = views_for("swav")
+    assert (swav.local_crops, swav.crop_scale, swav.local_crop_scale) == (6, [0.14, 1.0], [0.05, 0.14])
+    assert swav.std == [0.228, 0.224, 0.225]
+    byol = views_for("byol")
+    assert byol.jitter == [0.4, 0.4, 0.2, 0.1] and byol.blur_prob == [1.0, 0.1] and byol.solarize_prob == [0.0, 0.2]
+    instdisc = views_for("instdisc")
+    assert instdisc.grayscale_first and instdisc.jitter_prob == 1.0 and instdisc.jitter == [0.4] * 4
+    assert views_for("mocov2").blur_prob == [0.5] and views_for("simclr").mean == []
+    assert views_for("simclr").jitter == [0.8, 0.8, 0.8, 0.2]
+    cpc = views_for("cpc")
+    assert (cpc.size, cpc.resize, cpc.grid, cpc.patch, cpc.patch_jitter) == (256, 300, 7, 64, 4)
+    # Overrides win; sizes derived from the global size scale with it.
+    small = views_for("dino", "data.views.size=32", "data.views.local_crops=4", "data.views.blur_prob=[0.3]")
+    assert (small.local_size, small.local_crops, small.blur_prob) == (14, 4, [0.3])
+
+
+def test_random_resized_crop_boxes_respect_scale_and_ratio():
+    rng = random.Random(0)
+    areas, ratios = [], []
+    for _ in range(2000):
+        top, left, h, w = geo.random_resized_crop_box(375, 500, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        assert top >= 0 and top + h <= 375 and left >= 0 and left + w <= 500
+        areas.append(h * w / (375 * 500))
+        ratios.append(w / h)
+    assert min(areas) >= 0.075 and max(areas) <= 1.0 and 0.4 < sum(areas) / len(areas) < 0.6
+    assert min(ratios) > 0.7 and max(ratios) < 1.4
+    assert sum(r > 1 for r in ratios) / len(ratios) > 0.3  # log-uniform: both sides well represented
+
+
+@pytest.mark.parametrize(("policy", "overrides", "shapes"), [
+    ("simclr", ["data.views.size=24"], [(2, 3, 24, 24)]),
+    ("dino", ["data.views.size=32", "data.views.local_crops=3"], [(2, 3, 32, 32), (3, 3, 14, 14)]),
+    ("swav", ["data.views.size=32"], [(2, 3, 32, 32), (6, 3, 14, 14)]),
+    ("cmc", ["data.views.size=24"], [(1, 3, 24, 24)]),
+    ("cpc", ["data.views.size=32"], [(49, 3, 8, 8)]),
+    ("clip", ["data.views.size=24"], [(1, 3, 24, 24)]),
+])
+def test_geometry_cuts_every_group_as_uint8(policy: str, overrides: list[str], shapes: list[tuple]):
+    views = views_for(policy, *overrides)
+    image = torch.randint(0, 256, (3, 45, 60), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    random.seed(0)
+    groups = Geometry(views)(image)
+    assert [tuple(g.shape) for g in groups] == shapes and all(g.dtype == torch.uint8 for g in groups)
+    assert EvalGeometry(views)(image).shape == (3, views.size, views.size)
+
+
+def test_crop_of_the_whole_image_without_flip_is_the_image():
+    image = torch.randint(0, 256, (3, 20, 20), dtype=torch.uint8)
+    assert torch.equal(geo.crop_resize(geo.as_batch(image), (0, 0, 20, 20), 20), image)
+    assert torch.equal(geo.crop_resize(geo.as_batch(image), (0, 0, 20, 20), 20, flip=True), image.flip(-1))
+
+
+def test_photometric_turns_collated_groups_into_channels_last_views():
+    views = views_for("dino", "data.views.size=32", "data.views.local_crops=3")
+    images = [torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8) for _ in range(5)]
+    random.seed(1)
+    per_image = [Geometry(views)(im) for im in images]
+    collated = [torch.stack([groups[g] for groups in per_image]) for g in range(2)]  # [B, V, C, S, S]
+    out = Photometric(views)(collated, torch.Generator().manual_seed(0))
+    assert [tuple(g.shape) for g in out] == [(2, 5, 3, 32, 32), (3, 5, 3, 14, 14)]
+    batch = flat(out[0])
+    assert batch.is_contiguous(memory_format=torch.channels_last) and batch.dtype == torch.float32
+    mean = torch.tensor(views.mean).view(1, 3, 1, 1)
+    std = torch.tensor(views.std).view(1, 3, 1, 1)
+    pixels = batch * std + mean  # undo the normalisation: back in [0, 1]
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    assert view_grid(out, Photometric(views)).shape[0] == 3
+
+
+def test_cmc_views_are_l_and_ab():
+    views = views_for("cmc", "data.views.size=16")
+    group = torch.randint(0, 256, (4, 1, 3, 16, 16), dtype=torch.uint8)
+    luminance, chroma = Photometric(views)([group])
+    assert luminance.shape == (1, 4, 1, 16, 16) and chroma.shape == (1, 4, 2, 16, 16)
+    assert luminance.abs().max() <= 1.0 + 1e-5 and chroma.abs().max() <= 1.0 + 1e-5  # Lab ranges, normalised
+    white = Photometric(views)([torch.full((1, 1, 3, 16, 16), 255, dtype=torch.uint8)])
+    assert math.isclose(white[0].mean().item(), 1.0, abs_tol=1e-3)  # L = 100
+    assert white[1].abs().max() < 0.2  # white has almost no chroma
+
+
+def test_a_vit_takes_global_and_local_crops():
+    model = build_backbone(ModelConfig(backbone="vit_tiny_patch16_224", channels_last=False, backbone_args={
+        "img_size": 32, "patch_size": 8, "depth": 2, "dynamic_img_size": True, "dynamic_img_pad": True}))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == model(torch.zeros(2, 3, 14, 14)).shape == (2, 192)

@@ -9,39 +9,43 @@ from typing import Any
 import torch
 
 from bigssl.config import Config, ViewsConfig
-from bigssl.data.decode import decode_label, decode_rgb, image_bytes
+from bigssl.data.decode import decode_label, decode_rgb, decode_text, image_bytes
 from bigssl.data.loader import BatchLoader
 from bigssl.data.position import Consumed
 from bigssl.data.shards import ShardSet, resolve
 from bigssl.data.stream import ShardStream, StreamSpec, check_exact_split, samples_per_rank
-from bigssl.data.views import ViewPolicy, build_policy, eval_transform
+from bigssl.data.views import EvalGeometry, Geometry, Photometric
 from bigssl.errors import ConfigError
 
 SKIP_REASONS = ("decode_error", "no_image", "missing_label", "bad_label", "shard_error")
 
 
 class TrainSample:
-    """Raw sample → {"views", "label"} (runs in DataLoader workers, so it must pickle)."""
+    """Raw sample → {"views": uint8 groups, "label"[, "text"]} (in DataLoader workers: must pickle)."""
 
-    def __init__(self, policy: ViewPolicy, require_labels: bool, fast_decode: bool) -> None:
-        self.policy = policy
+    def __init__(self, geometry: Geometry, require_labels: bool, fast_decode: bool, text: bool) -> None:
+        self.geometry = geometry
         self.require_labels = require_labels
         self.fast_decode = fast_decode
+        self.text = text
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         label = decode_label(sample, self.require_labels)
-        return {"views": self.policy(decode_rgb(image_bytes(sample), self.fast_decode)), "label": label}
+        out = {"views": self.geometry(decode_rgb(image_bytes(sample), self.fast_decode)), "label": label}
+        if self.text:
+            out["text"] = decode_text(sample)
+        return out
 
 
 class EvalSample:
-    """Raw sample → {"image", "label"}: the deterministic view, labels required."""
+    """Raw sample → {"image": uint8 [C, S, S], "label"}: the deterministic view, labels required."""
 
     def __init__(self, views: ViewsConfig) -> None:
-        self.transform = eval_transform(views)
+        self.geometry = EvalGeometry(views)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         label = decode_label(sample, required=True)
-        return {"image": self.transform(decode_rgb(image_bytes(sample))), "label": label}
+        return {"image": self.geometry(decode_rgb(image_bytes(sample))), "label": label}
 
 
 class TrainData:
@@ -60,7 +64,8 @@ class TrainData:
         self.steps_per_epoch = samples // config.optim.batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"optim.batch_size={config.optim.batch_size} exceeds the {samples} samples per epoch")
-        self.policy = build_policy(data.views)
+        self.geometry = Geometry(data.views)
+        self.photometric = Photometric(data.views)
 
     def spec(self, epoch: int, restart_step: int) -> StreamSpec:
         data = self.config.data
@@ -82,7 +87,7 @@ class TrainData:
 
     def loader(self, epoch: int, restart_step: int, consumed: Consumed) -> BatchLoader:
         data = self.config.data
-        sample = TrainSample(self.policy, data.require_labels, data.fast_decode)
+        sample = TrainSample(self.geometry, data.require_labels, data.fast_decode, text=data.views.policy == "clip")
         stream = ShardStream(self.shards, sample, self.spec(epoch, restart_step), consumed if self.exact else None)
         return BatchLoader(stream, self.local_batch, data.workers, data.timeout_s,
                            consumed=consumed if self.exact else None)

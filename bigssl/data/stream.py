@@ -223,9 +223,10 @@ class ShardStream(IterableDataset):
         spec = self.spec
         rng = random.Random(f"{spec.seed}/{spec.epoch}/{spec.rank}/{worker}")
         if get_worker_info() is not None:
-            # Augmentations draw from the worker's torch generator: seed it from the same
+            # Augmentations draw from the worker's generators: seed them from the same
             # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
             torch.manual_seed(rng.getrandbits(63))
+            random.seed(rng.getrandbits(63))  # crop geometry draws from Python's generator
         stats: Counter = Counter()
         items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
         try:

@@ -1,70 +1,176 @@
-"""View policies: how one decoded image (uint8 tensor [3, H, W]) becomes the augmented views a
-method consumes.
+"""View policies, split where the work is cheapest.
 
-A policy is named in the recipe (`data.views.policy`) and reads its parameters from
-`data.views`; the defaults are the papers' values (reference/methods.md §1.3).
+- `Geometry` runs in the data workers: one decoded uint8 image in, every crop of it out
+  (crop, resize, flip), grouped by resolution: a list of uint8 tensors [V, C, S, S], one per
+  group (global crops, local crops, CPC patches).
+- `Photometric` runs batched on the training device: colour jitter, grayscale, blur, solarize,
+  colour space and normalisation with per-sample random draws; it turns the collated uint8
+  groups [B, V, C, S, S] into float groups [V, B, C, S, S] whose `flatten(0, 1)` is a
+  channels-last [V·B, C, S, S] batch ready for the backbone.
+
+Policy settings come from `data.views` (see bigssl/data/policies.py for the published values).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import random
+from dataclasses import dataclass
 
 import torch
-import torchvision.transforms.v2 as T
+import torchvision
 
 from bigssl.config import ViewsConfig
-from bigssl.errors import ConfigError
+from bigssl.data import geometry as geo
+from bigssl.data import photometric as ph
 
-ViewPolicy = Callable[[torch.Tensor], list[torch.Tensor]]
-
-
-def blur_kernel(size: int) -> int:
-    """SimCLR blurs with a kernel of 10% of the image side; odd, at least 3."""
-    kernel = max(3, int(0.1 * size))
-    return kernel if kernel % 2 else kernel + 1
+LAB_CENTER = (50.0, (98.233 - 86.183) / 2, (94.478 - 107.857) / 2)  # middle of sRGB's L, a, b ranges
+LAB_HALF_RANGE = (50.0, (98.233 + 86.183) / 2, (94.478 + 107.857) / 2)
 
 
-def _to_tensor(config: ViewsConfig) -> list[T.Transform]:
-    steps: list[T.Transform] = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-    if config.mean:
-        steps.append(T.Normalize(config.mean, config.std))
-    return steps
+def _per_view(values: list[float], count: int) -> list[float]:
+    """One value per view; a shorter list repeats its last value."""
+    return [values[min(i, len(values) - 1)] for i in range(count)]
 
 
-def simclr_transform(config: ViewsConfig) -> T.Compose:
-    """SimCLR App. A: random resized crop, flip, colour distortion (jitter 0.8, grey 0.2), blur."""
-    s = config.jitter_strength
-    return T.Compose([
-        T.RandomResizedCrop(config.size, scale=tuple(config.crop_scale), ratio=tuple(config.crop_ratio),
-                            antialias=True),
-        T.RandomHorizontalFlip(config.flip_prob),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=config.jitter_prob),
-        T.RandomGrayscale(config.grayscale_prob),
-        T.RandomApply([T.GaussianBlur(blur_kernel(config.size), sigma=tuple(config.blur_sigma))],
-                      p=config.blur_prob),
-        *_to_tensor(config),
-    ])
+class Geometry:
+    """The worker half of a policy: uint8 [C, H, W] → list of uint8 groups [V, C, S, S]."""
+
+    def __init__(self, views: ViewsConfig) -> None:
+        self.views = views
+
+    def _crops(self, image: torch.Tensor, count: int, size: int, scale: list[float]) -> torch.Tensor:
+        v = self.views
+        height, width = image.shape[-2:]
+        out = []
+        for _ in range(count):
+            box = geo.random_resized_crop_box(height, width, tuple(scale), tuple(v.crop_ratio), random)
+            out.append(geo.crop_resize(image, box, size, v.interpolation, flip=random.random() < v.flip_prob))
+        return torch.stack(out)
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        v = self.views
+        batch = geo.as_batch(image)
+        if v.policy == "cpc":
+            resized = geo.resize_short_side(batch, v.resize, v.interpolation)
+            box = geo.random_box(*resized.shape[-2:], v.size, random)
+            crop = geo.crop_resize(resized, box, v.size, flip=random.random() < v.flip_prob)
+            return [geo.patch_grid(geo.as_batch(crop), v.grid, v.patch, v.patch_jitter, random)]
+        if v.policy == "clip":
+            resized = geo.resize_short_side(batch, v.resize, v.interpolation)
+            box = geo.random_box(*resized.shape[-2:], v.size, random)
+            return [geo.crop_resize(resized, box, v.size).unsqueeze(0)]
+        groups = [self._crops(batch, v.views, v.size, v.crop_scale)]
+        if v.local_crops:
+            groups.append(self._crops(batch, v.local_crops, v.local_size, v.local_crop_scale))
+        return groups
 
 
-def two_views(transform: Callable[[torch.Tensor], torch.Tensor]) -> ViewPolicy:
-    def policy(image: torch.Tensor) -> list[torch.Tensor]:
-        return [transform(image), transform(image)]
+class EvalGeometry:
+    """Deterministic view for feature extraction: short side to `resize`, centre crop `size`."""
 
-    return policy
+    def __init__(self, views: ViewsConfig) -> None:
+        self.views = views
 
-
-_POLICIES: dict[str, Callable[[ViewsConfig], ViewPolicy]] = {
-    "simclr": lambda config: two_views(simclr_transform(config)),
-}
-
-
-def build_policy(config: ViewsConfig) -> ViewPolicy:
-    if config.policy not in _POLICIES:
-        raise ConfigError(
-            f"data.views.policy: unknown policy {config.policy!r}; known: {', '.join(sorted(_POLICIES))}")
-    return _POLICIES[config.policy](config)
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        v = self.views
+        resized = geo.resize_short_side(geo.as_batch(image), v.resize, v.interpolation)
+        return geo.crop_resize(resized, geo.center_box(*resized.shape[-2:], v.size), v.size)
 
 
-def eval_transform(config: ViewsConfig) -> T.Compose:
-    """Deterministic view for feature extraction: resize the short side, centre crop."""
-    return T.Compose([T.Resize(config.size, antialias=True), T.CenterCrop(config.size), *_to_tensor(config)])
+@dataclass(frozen=True)
+class GroupSpec:
+    views: tuple[ph.ViewSpec, ...]
+    blur_kernel: int
+    grayscale_first: bool = False
+    output: str = "rgb"  # rgb | lab (CMC: two groups, L and ab)
+
+
+def group_specs(v: ViewsConfig) -> list[GroupSpec]:
+    def spec(blur: float, solarize: float) -> ph.ViewSpec:
+        return ph.ViewSpec(jitter=tuple(v.jitter), jitter_prob=v.jitter_prob, grayscale_prob=v.grayscale_prob,
+                           blur_prob=blur, blur_sigma=tuple(v.blur_sigma), solarize_prob=solarize)
+
+    if v.policy == "cpc":  # every patch draws its own colour dropping
+        patch_spec = spec(_per_view(v.blur_prob, 1)[0], _per_view(v.solarize_prob, 1)[0])
+        return [GroupSpec((patch_spec,) * v.grid**2, ph.blur_kernel_size(v.patch, v.blur_sigma[1]))]
+    blur, solar = _per_view(v.blur_prob, v.views), _per_view(v.solarize_prob, v.views)
+    groups = [GroupSpec(tuple(spec(b, s) for b, s in zip(blur, solar, strict=True)),
+                        ph.blur_kernel_size(v.size, v.blur_sigma[1]), v.grayscale_first,
+                        "lab" if v.policy == "cmc" else "rgb")]
+    if v.local_crops:
+        groups.append(GroupSpec((spec(v.local_blur_prob, v.local_solarize_prob),) * v.local_crops,
+                                ph.blur_kernel_size(v.local_size, v.blur_sigma[1]), v.grayscale_first))
+    return groups
+
+
+def rgb_to_lab(x: torch.Tensor) -> torch.Tensor:
+    """sRGB in [0, 1] → CIE Lab (D65), [N, 3, H, W]."""
+    linear = torch.where(x > 0.04045, ((x + 0.055) / 1.055) ** 2.4, x / 12.92)
+    matrix = torch.tensor([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                           [0.019334, 0.119193, 0.950227]], device=x.device, dtype=x.dtype)
+    white = torch.tensor([0.95047, 1.0, 1.08883], device=x.device, dtype=x.dtype)
+    xyz = torch.einsum("ij,njhw->nihw", matrix, linear) / white.view(1, 3, 1, 1)
+    delta = 6 / 29
+    f = torch.where(xyz > delta**3, xyz.clamp_min(1e-12) ** (1 / 3), xyz / (3 * delta**2) + 4 / 29)
+    return torch.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], dim=1)
+
+
+class Photometric:
+    """The device half of a policy: uint8 groups [B, V, C, S, S] → float groups [V, B, C, S, S]."""
+
+    def __init__(self, views: ViewsConfig) -> None:
+        self.groups = group_specs(views)
+        self.mean = views.mean
+        self.std = views.std
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C, H, W] in [0, 1] → normalised, channels-last."""
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        if not self.mean:
+            return out.copy_(x)
+        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        return torch.sub(x, mean, out=out).div_(std)
+
+    def __call__(self, groups: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        out = []
+        for spec, group in zip(self.groups, groups, strict=True):
+            batch, count = group.shape[:2]
+            x = group.transpose(0, 1).flatten(0, 1).float().div_(255)  # view-major [V·B, C, S, S]
+            params = ph.Params.cat([ph.sample_params(view, batch, x.device, generator) for view in spec.views])
+            x = ph.augment(x, params, spec.blur_kernel, spec.grayscale_first)
+            if spec.output == "lab":
+                lab = rgb_to_lab(x)
+                center = torch.tensor(LAB_CENTER, device=x.device).view(1, 3, 1, 1)
+                half = torch.tensor(LAB_HALF_RANGE, device=x.device).view(1, 3, 1, 1)
+                lab = ((lab - center) / half).contiguous(memory_format=torch.channels_last)
+                out += [lab[:, :1].unflatten(0, (count, batch)), lab[:, 1:].unflatten(0, (count, batch))]
+                continue
+            out.append(self.normalize(x).unflatten(0, (count, batch)))
+        return out
+
+
+def flat(group: torch.Tensor) -> torch.Tensor:
+    """[V, B, C, H, W] → [V·B, C, H, W], view-major: the first B rows are view 0."""
+    return group.flatten(0, 1)
+
+
+def view_grid(groups: list[torch.Tensor], photometric: Photometric, count: int = 4) -> torch.Tensor:
+    """A [3, H, W] image in [0, 1]: one row per image, every view of it (all groups) across,
+    smaller crops padded to the largest. For TensorBoard, so users see their augmentations."""
+    side = max(g.shape[-1] for g in groups)
+    rows = []
+    for i in range(min(count, groups[0].shape[1])):
+        for group in groups:
+            for view in group[:, i].float():
+                if photometric.mean and view.shape[0] == len(photometric.mean):
+                    mean = torch.tensor(photometric.mean, device=view.device).view(-1, 1, 1)
+                    std = torch.tensor(photometric.std, device=view.device).view(-1, 1, 1)
+                    view = view * std + mean
+                elif view.shape[0] != 3:  # Lab planes, CPC grey patches: show the first channel
+                    view = (view[:1] - view[:1].min()) / (view[:1].max() - view[:1].min() + 1e-6)
+                view = view.expand(3, -1, -1) if view.shape[0] == 1 else view
+                pad = side - view.shape[-1]
+                rows.append(torch.nn.functional.pad(view, (0, pad, 0, pad), value=0.5))
+    per_row = sum(g.shape[0] for g in groups)
+    return torchvision.utils.make_grid(torch.stack(rows).clamp(0, 1).cpu(), nrow=per_row, padding=2, pad_value=1.0)

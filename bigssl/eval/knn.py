@@ -6,6 +6,7 @@ whole of both sets fits in memory at the sizes we use this for (monitoring, quic
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,14 +26,15 @@ class Features:
 
 
 @torch.no_grad()
-def extract(model: nn.Module, shards: ShardSet, views: ViewsConfig, batch_size: int, workers: int,
-            device: torch.device, timeout_s: float = 0.0) -> Features:
-    """Embed every labelled sample of `shards` once (split over ranks), gathered to all ranks."""
+def extract(model: nn.Module, shards: ShardSet, views: ViewsConfig, normalize: Callable[[torch.Tensor], torch.Tensor],
+            batch_size: int, workers: int, device: torch.device, timeout_s: float = 0.0) -> Features:
+    """Embed every labelled sample of `shards` once (split over ranks), gathered to all ranks.
+    Workers cut uint8 crops; `normalize` turns them into model input on the device."""
     was_training = model.training
     model.eval()
     feats, labels = [], []
     for batch in eval_batches(shards, views, comm.rank(), comm.world_size(), batch_size, workers, timeout_s):
-        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = normalize(batch["image"].to(device, non_blocking=True).float().div_(255))
         feats.append(F.normalize(model(images).float(), dim=1).cpu())
         labels.append(batch["label"])
     model.train(was_training)

@@ -13,6 +13,7 @@ import torch
 
 from bigssl import losses
 from bigssl.config import Config, MethodConfig
+from bigssl.data.views import flat
 from bigssl.methods.base import Batch, Method, register
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
@@ -35,9 +36,8 @@ class SimCLR(Method):
         self.projector = projector(feature_dim(self.backbone), config.model.projector)
 
     def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        view1, view2 = batch["views"][:2]
-        # One pass over both views: BN sees 2B samples, as in the official code.
-        z = self.projector(self.backbone(torch.cat([view1, view2])))
+        # One pass over both views (view-major): BN sees 2B samples, as in the official code.
+        z = self.projector(self.backbone(flat(batch["views"][0])))
         z1, z2 = z.chunk(2)
         method: SimCLRConfig = self.config.method  # type: ignore[assignment]
         loss = losses.nt_xent(z1, z2, method.temperature, gather=method.gather)

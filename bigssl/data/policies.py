@@ -1,0 +1,58 @@
+"""The published augmentation settings of each view policy (reference/methods.md §1.3).
+
+A recipe names a policy in `data.views.policy`; every `data.views` field it leaves empty takes
+the value below, so `--print-config` shows exactly what runs. Sizes given as fractions of the
+global crop scale with it: a 32 px recipe gets 14 px local crops, not 96 px ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+
+_COMMON: dict[str, Any] = {
+    "size": 224, "views": 2, "crop_scale": [0.08, 1.0], "crop_ratio": [3 / 4, 4 / 3], "interpolation": "bilinear",
+    "local_crops": 0, "local_size_fraction": 96 / 224, "local_crop_scale": [0.05, 0.4], "flip_prob": 0.5,
+    "jitter": [0.0, 0.0, 0.0, 0.0], "jitter_prob": 0.0, "grayscale_prob": 0.0, "grayscale_first": False,
+    "blur_prob": [0.0], "local_blur_prob": 0.0, "blur_sigma": [0.1, 2.0], "solarize_prob": [0.0],
+    "local_solarize_prob": 0.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize_fraction": 256 / 224,
+    "grid": 7, "patch_fraction": 64 / 256, "patch_jitter_fraction": 4 / 64,
+}
+
+POLICIES: dict[str, dict[str, Any]] = {
+    # InstDisc (lemniscate main.py) and MoCo v1: grey *before* an always-on jitter, no blur.
+    "instdisc": {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.4], "jitter_prob": 1.0,
+                 "grayscale_prob": 0.2, "grayscale_first": True},
+    # MoCo v2 "aug+" (also SimSiam): jitter (0.4, 0.4, 0.4, 0.1) at 0.8, blur at 0.5.
+    "mocov2": {"crop_scale": [0.2, 1.0], "jitter": [0.4, 0.4, 0.4, 0.1], "jitter_prob": 0.8,
+               "grayscale_prob": 0.2, "blur_prob": [0.5]},
+    # SimCLR App. A, strength s = 1: (0.8s, 0.8s, 0.8s, 0.2s) at 0.8; [0, 1] inputs, no normalisation.
+    "simclr": {"jitter": [0.8, 0.8, 0.8, 0.2], "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": [0.5],
+               "mean": [], "std": []},
+    # BYOL (augmentations.py), also Barlow Twins and MoCo v3: asymmetric blur and solarize.
+    "byol": {"interpolation": "bicubic", "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_prob": 0.8,
+             "grayscale_prob": 0.2, "blur_prob": [1.0, 0.1], "solarize_prob": [0.0, 0.2]},
+    # SwAV multi-crop: 2 × 224 (0.14, 1) + 6 × 96 (0.05, 0.14); its std has 0.228 for red (sic).
+    "swav": {"crop_scale": [0.14, 1.0], "local_crops": 6, "local_crop_scale": [0.05, 0.14],
+             "jitter": [0.8, 0.8, 0.8, 0.2], "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": [0.5],
+             "local_blur_prob": 0.5, "std": [0.228, 0.224, 0.225]},
+    # DINO (main_dino.py defaults): 2 × 224 (0.4, 1) + 8 × 96 (0.05, 0.4), bicubic; blur 1.0 / 0.1 /
+    # local 0.5; solarize on the second global view only.
+    "dino": {"crop_scale": [0.4, 1.0], "interpolation": "bicubic", "local_crops": 8,
+             "local_crop_scale": [0.05, 0.4], "jitter": [0.4, 0.4, 0.2, 0.1], "jitter_prob": 0.8,
+             "grayscale_prob": 0.2, "blur_prob": [1.0, 0.1], "local_blur_prob": 0.5, "solarize_prob": [0.0, 0.2]},
+    # CMC: one crop (0.2, 1) and a flip, no colour jitter; the view pair is L and ab of Lab.
+    "cmc": {"views": 1, "crop_scale": [0.2, 1.0]},
+    # CPC v1: random 256 crop of a 300 px resize, 7 × 7 patches of 64 px at stride 32, each a
+    # random 60 px sub-crop padded back to 64; greyscale; flip.
+    "cpc": {"size": 256, "views": 1, "resize_fraction": 300 / 256, "grayscale_prob": 1.0},
+    # CLIP: a random square crop of the resized image is the only augmentation; CLIP's statistics.
+    "clip": {"views": 1, "resize_fraction": 1.0, "mean": [0.48145466, 0.4578275, 0.40821073],
+             "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+
+
+def defaults(policy: str) -> dict[str, Any]:
+    return {**_COMMON, **POLICIES[policy]}
