@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from bigssl import config as config_lib
+from bigssl import runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
@@ -67,6 +68,7 @@ class Progress:
 class Trainer:
     def __init__(self, config: Config) -> None:
         self.config = config
+        runtime.keep_freed_memory()  # before workers fork: they inherit it
         self.env = env_lib.detect()
         self.backend = env_lib.init(self.env, config.engine.backend, config.engine.timeout_s)
         self.device = env_lib.device_for(self.env)

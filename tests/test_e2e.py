@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import QUICKSTART, free_port, run_cli, worker_env
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # A few small steps of the real recipe: narrower network, small batch.
 SMALL = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32",
@@ -41,7 +42,13 @@ def test_quickstart_one_process(tmp_path: Path):
     assert {"knn/random_init_top1", "knn/pixels_top1"} <= {k for r in records for k in r}
     assert all(r["world_size"] == 1 and r["images_per_s"] > 0 for r in records if "loss" in r)
     assert "random init" in result.stderr and "trained, step 4" in result.stderr
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"train/loss", "train/lr", "knn/top1"} <= set(events.Tags()["scalars"])
+    grid = events.Images("views/first_batch")
+    assert len(grid) == 1 and grid[0].step == 0
+    # One row per image shown, one column per view: 2 views of 28 px (+ 2 px padding each).
+    assert grid[0].width >= 2 * 28 and grid[0].height >= 4 * 28
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (run / "checkpoints" / "step_00000004" / "state.pt").is_file()
     assert (run / "config.yaml").read_text().startswith("name: simclr")

@@ -94,6 +94,23 @@ def test_photometric_turns_collated_groups_into_channels_last_views():
     assert view_grid(out, Photometric(views)).shape[0] == 3
 
 
+def test_photometric_in_cache_sized_chunks_equals_one_pass_over_the_batch(monkeypatch):
+    from bigssl.data import photometric as ph
+    from bigssl.data import views as views_module
+
+    views = views_for("simclr", "data.views.size=16")
+    group = torch.randint(0, 256, (6, 2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    monkeypatch.setattr(views_module, "CPU_CHUNK_PIXELS", 2 * 16 * 16)  # 2 images per chunk: 6 chunks
+    (chunked,) = Photometric(views)([group], torch.Generator().manual_seed(7))
+    # The same draws, applied to all 12 views at once (view-major), written out without chunks.
+    generator = torch.Generator().manual_seed(7)
+    spec = views_module.group_specs(views)[0]
+    params = ph.Params.cat([ph.sample_params(v, 6, torch.device("cpu"), generator) for v in spec.views])
+    assert params.jitter.any() and params.blur.any() and params.grayscale.any()
+    whole = ph.augment(group.transpose(0, 1).flatten(0, 1).float() / 255, params, spec.blur_kernel)
+    torch.testing.assert_close(flat(chunked), whole, atol=1e-6, rtol=0)
+
+
 def test_cmc_views_are_l_and_ab():
     views = views_for("cmc", "data.views.size=16")
     group = torch.randint(0, 256, (4, 1, 3, 16, 16), dtype=torch.uint8)

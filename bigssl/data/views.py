@@ -123,31 +123,49 @@ class Photometric:
         self.mean = views.mean
         self.std = views.std
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] in [0, 1] → normalised, channels-last."""
-        out = torch.empty_like(x, memory_format=torch.channels_last)
+    def normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, C, H, W] in [0, 1] → normalised, channels-last (into `out` when given)."""
+        if out is None:
+            out = torch.empty_like(x, memory_format=torch.channels_last)
         if not self.mean:
             return out.copy_(x)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
         return torch.sub(x, mean, out=out).div_(std)
 
+    def _to_lab(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        center = torch.tensor(LAB_CENTER, device=x.device).view(1, 3, 1, 1)
+        half = torch.tensor(LAB_HALF_RANGE, device=x.device).view(1, 3, 1, 1)
+        return torch.sub(rgb_to_lab(x), center, out=out).div_(half)
+
     def __call__(self, groups: list[torch.Tensor], generator: torch.Generator | None = None) -> list[torch.Tensor]:
         out = []
         for spec, group in zip(self.groups, groups, strict=True):
             batch, count = group.shape[:2]
-            x = group.transpose(0, 1).flatten(0, 1).float().div_(255)  # view-major [V·B, C, S, S]
-            params = ph.Params.cat([ph.sample_params(view, batch, x.device, generator) for view in spec.views])
-            x = ph.augment(x, params, spec.blur_kernel, spec.grayscale_first)
-            if spec.output == "lab":
-                lab = rgb_to_lab(x)
-                center = torch.tensor(LAB_CENTER, device=x.device).view(1, 3, 1, 1)
-                half = torch.tensor(LAB_HALF_RANGE, device=x.device).view(1, 3, 1, 1)
-                lab = ((lab - center) / half).contiguous(memory_format=torch.channels_last)
-                out += [lab[:, :1].unflatten(0, (count, batch)), lab[:, 1:].unflatten(0, (count, batch))]
-                continue
-            out.append(self.normalize(x).unflatten(0, (count, batch)))
+            rows = group.transpose(0, 1).flatten(0, 1)  # view-major uint8 [V·B, C, S, S]
+            params = ph.Params.cat([ph.sample_params(view, batch, rows.device, generator) for view in spec.views])
+            result = torch.empty((rows.shape[0], 3, *rows.shape[-2:]), device=rows.device,
+                                 memory_format=torch.channels_last)
+            for part in _chunks(rows.shape[0], rows.shape[-2] * rows.shape[-1], rows.device):
+                x = rows[part].to(torch.float32, memory_format=torch.contiguous_format).div_(255)
+                x = ph.augment(x, params.rows(part), spec.blur_kernel, spec.grayscale_first)
+                (self._to_lab if spec.output == "lab" else self.normalize)(x, out=result[part])
+            if spec.output == "lab":  # CMC: L and ab are two views
+                out += [result[:, :1].unflatten(0, (count, batch)), result[:, 1:].unflatten(0, (count, batch))]
+            else:
+                out.append(result.unflatten(0, (count, batch)))
         return out
+
+
+CPU_CHUNK_PIXELS = 2**19
+
+
+def _chunks(rows: int, pixels: int, device: torch.device) -> list[slice]:
+    """On a CPU the photometric chain runs on a few images at a time, so its temporaries stay in
+    cache: 1.3–1.9× faster than whole batches, measured with tools/bench_views.py. A GPU takes
+    the whole batch: its ops are launch-bound, not cache-bound."""
+    step = rows if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // pixels)
+    return [slice(start, start + step) for start in range(0, rows, step)]
 
 
 def flat(group: torch.Tensor) -> torch.Tensor:
