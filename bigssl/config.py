@@ -118,7 +118,7 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = "ddp"
+    kind: str = "ddp"  # ddp | fsdp (FSDP2)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     backend: str = "auto"  # auto = nccl with GPUs, gloo without
     sync_bn: bool = False
@@ -169,7 +169,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("resampled", "exact"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
-    "engine.kind": ("ddp",),
+    "engine.kind": ("ddp", "fsdp"),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.backend": ("auto", "gloo", "nccl"),
 }

@@ -139,7 +139,7 @@ class Trainer:
 
     def _knn(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         ev, data = self.config.eval, self.config.data
-        model = model or self.method.backbone
+        model = model or self.engine.full_module(self.method.backbone)
         args = (data.views, self.data.photometric.normalize, ev.batch_size, data.workers, self.device,
                 data.timeout_s)
         train = knn.extract(model, self.data.shards, *args)
@@ -216,6 +216,8 @@ class Trainer:
                 out = self.engine.forward(batch, p.step)
                 self.engine.backward(out["loss"])
                 grad_norm = self.engine.step()
+                if pairs := self.method.ema_pairs():
+                    self.engine.ema_update(pairs, self.method.ema_momentum(p.step))
                 self.method.after_step(p.step)
                 p.step += 1
                 p.epoch_step += 1
@@ -242,8 +244,9 @@ class Trainer:
         monitor.end_progress()
         if p.step != last_saved:
             self._save(epoch_skips)
+        backbone = self.engine.full_module(self.method.backbone)  # a collective under sharded engines
         if self.env.is_main:
-            save_backbone(self.method.backbone, self.run_dir / "backbone.safetensors")
+            save_backbone(backbone, self.run_dir / "backbone.safetensors")
         final_scores: dict[str, float] = {}
         if evaluating and (config.eval.knn_at_end or (p.epoch_step == 0 and self._knn_due(p.epoch))):
             final_scores = self._knn()

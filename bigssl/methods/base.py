@@ -35,7 +35,17 @@ class Method(nn.Module):
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:
-        """Called after each optimizer step (EMA teachers, queues); nothing by default."""
+        """Called after each optimizer step (queues, schedules); nothing by default."""
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(student, teacher) modules of identical structure; after each optimizer step the
+        engine moves every teacher parameter towards its student's by `ema_momentum(step)`, on
+        whatever local tensors its layout holds. Teachers must have requires_grad=False."""
+        return []
+
+    def ema_momentum(self, step: int) -> float:
+        """The teacher keeps this fraction of itself at `step` (e.g. 0.996 → 1, cosine)."""
+        return 0.0
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -7,9 +7,10 @@ import torch
 from bigssl.config import Config
 from bigssl.distributed.engines.base import Engine
 from bigssl.distributed.engines.ddp import DDPEngine
+from bigssl.distributed.engines.fsdp import FSDPEngine
 from bigssl.distributed.env import DistEnv
 
-_ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine}
+_ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine, "fsdp": FSDPEngine}
 
 
 def build_engine(config: Config, env: DistEnv, device: torch.device) -> Engine:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bigssl.config import Config
 from bigssl.distributed.env import DistEnv
@@ -52,6 +53,33 @@ class Engine(ABC):
     @abstractmethod
     def step(self) -> float:
         """Clip, step the optimizer, zero the gradients; returns the pre-clip gradient norm."""
+
+    def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
+        """The part of `param` this rank holds (all of it for replicated engines)."""
+        return param.detach()
+
+    @torch.no_grad()
+    def ema_update(self, pairs: list[tuple[nn.Module, nn.Module]], momentum: float) -> None:
+        """teacher ← m·teacher + (1 − m)·student, parameter by parameter on local tensors: a
+        teacher laid out like its student (replicated, or sharded the same way) needs no
+        communication. Two fused multi-tensor ops for the whole model."""
+        teachers, students = [], []
+        for student, teacher in pairs:
+            for (name, s), (t_name, t) in zip(student.named_parameters(), teacher.named_parameters(), strict=True):
+                s_local, t_local = self.local_tensor(s), self.local_tensor(t)
+                if name != t_name or s_local.shape != t_local.shape:
+                    raise ValueError(f"EMA pair mismatch: student {name} {tuple(s_local.shape)} vs teacher "
+                                     f"{t_name} {tuple(t_local.shape)}")
+                students.append(s_local)
+                teachers.append(t_local)
+        if teachers:
+            torch._foreach_mul_(teachers, momentum)
+            torch._foreach_add_(teachers, students, alpha=1.0 - momentum)
+
+    def full_module(self, module: nn.Module) -> nn.Module:
+        """`module` with every parameter whole on this rank, for evaluation and export (a
+        collective for sharded engines: every rank calls it). Replicated engines return it as is."""
+        return module
 
     @abstractmethod
     def save(self, directory: Path, extra: dict[str, Any]) -> None:

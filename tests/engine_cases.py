@@ -1,0 +1,120 @@
+"""Shared pieces of the engine tests: a tiny ViT config, a tiny EMA-teacher method, rank batches,
+and a loop that trains a few steps through any engine and records what happened."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigssl import config as config_lib
+from bigssl.config import Config, MethodConfig
+from bigssl.distributed.engines import build_engine
+from bigssl.distributed.env import DistEnv
+from bigssl.methods.base import Method, build, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import projector
+from bigssl.optim import build_optimizer
+
+BATCH, SIDE = 4, 32  # per rank
+TINY_VIT = ["model.backbone=vit_tiny_patch16_224", "model.channels_last=false",
+            "model.backbone_args={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2}",
+            "model.projector.hidden_dim=32", "model.projector.out_dim=16", "optim.name=sgd", "optim.lr=0.05",
+            "optim.weight_decay=0.05", "optim.clip_grad=1.0"]
+
+
+@dataclass
+class TinyEMAConfig(MethodConfig):
+    name: str = "test_tiny_ema"
+    momentum: float = 0.9
+
+
+@register("test_tiny_ema")
+class TinyEMA(Method):
+    """BYOL-shaped: online backbone + projector + predictor, an EMA teacher of backbone + projector."""
+
+    config_class = TinyEMAConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.backbone = build_backbone(config.model)
+        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+        out = config.model.projector.out_dim
+        self.predictor = nn.Sequential(nn.Linear(out, out), nn.ReLU(), nn.Linear(out, out))
+        self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def forward(self, batch, step):
+        views = batch["views"][0]
+        online = self.predictor(self.projector(self.backbone(views.flatten(0, 1))))
+        with torch.no_grad():
+            target = self.teacher_projector(self.teacher_backbone(views.flip(0).flatten(0, 1)))
+        return {"loss": (2 - 2 * F.cosine_similarity(online, target, dim=-1)).mean()}
+
+    def ema_pairs(self):
+        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
+
+    def ema_momentum(self, step: int) -> float:
+        return self.config.method.momentum
+
+
+def make_config(method: str, engine: str, *extra: str) -> Config:
+    return config_lib.load(None, [f"method.name={method}", f"engine.kind={engine}", *TINY_VIT, *extra])
+
+
+def rank_batch(rank: int, step: int) -> dict:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    return {"views": [torch.rand((2, BATCH, 3, SIDE, SIDE), generator=generator)]}
+
+
+def global_batch(world_size: int, step: int) -> dict:
+    """What `world_size` ranks see at `step`, as one process's batch (ranks in order)."""
+    parts = [rank_batch(r, step)["views"][0] for r in range(world_size)]
+    return {"views": [torch.cat(parts, dim=1)]}
+
+
+def setup(config: Config, rank: int, world_size: int):
+    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank)
+    torch.manual_seed(0)
+    method = build(config)
+    engine = build_engine(config, env, torch.device("cpu"))
+    engine.setup(method, lambda module: build_optimizer(module, config.optim))
+    return engine
+
+
+def train_steps(engine, steps: range, batch_for, track_ema: bool = False) -> dict:
+    """Run `steps`; returns losses, and with `track_ema` a full-tensor EMA of the student
+    computed here from whole parameters, to compare with the engine's (sharded) teacher."""
+    method = engine.method
+    reference = [full(p) for _, t in method.ema_pairs() for p in t.parameters()] if track_ema else []
+    losses = []
+    for step in steps:
+        out = engine.forward(batch_for(step), step)
+        engine.backward(out["loss"])
+        engine.step()
+        if pairs := method.ema_pairs():
+            momentum = method.ema_momentum(step)
+            engine.ema_update(pairs, momentum)
+            if track_ema:
+                students = [full(p) for s, _ in pairs for p in s.parameters()]
+                reference = [momentum * r + (1 - momentum) * s for r, s in zip(reference, students, strict=True)]
+        losses.append(out["loss"].item())
+    result = {"losses": losses}
+    if track_ema:
+        result["reference"] = reference
+        result["teacher"] = [full(p) for _, t in method.ema_pairs() for p in t.parameters()]
+    return result
+
+
+def full(param: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (param.full_tensor() if isinstance(param, DTensor) else param).detach().clone()
+
+
+def save_result(path: Path, rank: int, result: dict) -> None:
+    torch.save(result, path / f"rank{rank}.pt")

@@ -1,0 +1,107 @@
+"""Sharded engines against DDP on 2 gloo processes: same losses, exact EMA teachers on local
+shards, exact resume, and FSDP2 checkpoints that load at another world size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_cases import global_batch, make_config, rank_batch, save_result, setup, train_steps
+from helpers import run_distributed
+
+from bigssl.distributed import comm
+
+STEPS = 5
+NO_BN = "model.projector.batch_norm=false"
+pytestmark = pytest.mark.distributed
+
+
+def _train(rank: int, world_size: int, method: str, engine: str, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine_ = setup(make_config(method, engine), rank, world_size)
+    result = train_steps(engine_, range(STEPS), lambda step: rank_batch(rank, step), track_ema=True)
+    save_result(out, rank, result)
+
+
+def run(tmp_path: Path, method: str, engine: str) -> list[dict]:
+    out = tmp_path / f"{method}-{engine}"
+    out.mkdir()
+    run_distributed(_train, 2, method, engine, out)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", ["simclr", "test_tiny_ema"])
+def test_fsdp2_reproduces_ddp(tmp_path: Path, method: str):
+    ddp, fsdp = run(tmp_path, method, "ddp"), run(tmp_path, method, "fsdp")
+    for rank in range(2):
+        assert len(ddp[rank]["losses"]) == STEPS
+        torch.testing.assert_close(torch.tensor(fsdp[rank]["losses"]), torch.tensor(ddp[rank]["losses"]),
+                                   atol=1e-5, rtol=0)
+    assert ddp[0]["losses"][0] != ddp[0]["losses"][-1]  # it trained
+    if method == "test_tiny_ema":
+        for result in (*ddp, *fsdp):  # the teacher, gathered, is the full-tensor EMA of the student
+            assert len(result["teacher"]) == len(result["reference"]) > 10
+            for teacher, reference in zip(result["teacher"], result["reference"], strict=True):
+                torch.testing.assert_close(teacher, reference, atol=1e-6, rtol=0)
+
+
+def _save_and_continue(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine_ = setup(make_config("test_tiny_ema", engine), rank, world_size)
+    first = train_steps(engine_, range(3), lambda step: rank_batch(rank, step))
+    if rank == 0:
+        checkpoint.mkdir()
+    comm.barrier()
+    engine_.save(checkpoint, {"step": 3})
+    comm.barrier()
+    rest = train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step))
+    save_result(out, rank, {"losses": first["losses"] + rest["losses"]})
+
+
+def _resume(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine_ = setup(make_config("test_tiny_ema", engine), rank, world_size)
+    assert engine_.load(checkpoint) == {"step": 3}
+    save_result(out, rank, train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step)))
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_resume_continues_exactly(tmp_path: Path, engine: str):
+    checkpoint, straight, resumed = tmp_path / "ckpt", tmp_path / "straight", tmp_path / "resumed"
+    straight.mkdir(), resumed.mkdir()
+    run_distributed(_save_and_continue, 2, engine, checkpoint, straight)
+    run_distributed(_resume, 2, engine, checkpoint, resumed)
+    for rank in range(2):
+        uninterrupted = torch.load(straight / f"rank{rank}.pt", weights_only=True)["losses"]
+        after_resume = torch.load(resumed / f"rank{rank}.pt", weights_only=True)["losses"]
+        assert after_resume == uninterrupted[3:]  # bit for bit
+
+
+def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path):
+    """SimCLR with gathered negatives and no BatchNorm (whose statistics are per rank): the mean
+    of the ranks' losses is the one-process loss of their joint batch, so a 2 → 1 resume must
+    continue the same loss curve."""
+    checkpoint, straight = tmp_path / "ckpt", tmp_path / "straight"
+    straight.mkdir()
+    run_distributed(_save_and_continue_simclr, 2, checkpoint, straight)
+    two_ranks = [torch.load(straight / f"rank{r}.pt", weights_only=True)["losses"] for r in range(2)]
+    expected = [(a + b) / 2 for a, b in zip(two_ranks[0], two_ranks[1], strict=True)]
+
+    engine = setup(make_config("simclr", "fsdp", NO_BN), rank=0, world_size=1)  # a private 1-rank group
+    assert engine.load(checkpoint) == {"step": 3}
+    resumed = train_steps(engine, range(3, STEPS), lambda step: global_batch(2, step))["losses"]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected[3:]), atol=1e-5, rtol=0)
+
+
+def _save_and_continue_simclr(rank: int, world_size: int, checkpoint: Path, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine_ = setup(make_config("simclr", "fsdp", NO_BN), rank, world_size)
+    first = train_steps(engine_, range(3), lambda step: rank_batch(rank, step))
+    if rank == 0:
+        checkpoint.mkdir()
+    comm.barrier()
+    engine_.save(checkpoint, {"step": 3})
+    comm.barrier()
+    rest = train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step))
+    save_result(out, rank, {"losses": first["losses"] + rest["losses"]})
