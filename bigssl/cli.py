@@ -1,4 +1,4 @@
-"""Command line: `bigssl train | shards`. Thin: parse, then call the library.
+"""Command line: `bigssl train | shards | export`. Thin: parse, then call the library.
 
 User errors print one line and exit with code 2; set BIGSSL_DEBUG=1 to see tracebacks.
 """
@@ -33,6 +33,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from bigssl.eval.export import export_backbone
+
+    checkpoint, count = export_backbone(Path(args.source), Path(args.out))
+    print(f"{args.out}: {count} backbone tensors from {checkpoint}")
+    return 0
+
+
 def _shards(args: argparse.Namespace) -> int:
     from bigssl.data.build import Options, build
 
@@ -47,6 +55,8 @@ def _shards(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="bigssl", description="Self-supervised visual pretraining at scale.")
+    # The deepspeed launcher passes --local_rank=N before the command (it sets LOCAL_RANK too).
+    root.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = root.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="pretrain from a recipe (resumes from log.dir by itself)")
@@ -68,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     shards.add_argument("--no-shuffle", action="store_true", help="keep the listing order (class by class)")
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
     shards.set_defaults(run=_shards)
+
+    export = commands.add_parser("export", help="a run's (or checkpoint's) backbone → one safetensors file, "
+                                                "from any engine")
+    export.add_argument("source", metavar="RUN", help="run directory (its newest checkpoint) or a checkpoint directory")
+    export.add_argument("out", help="output .safetensors file")
+    export.set_defaults(run=_export)
     return root
 
 

@@ -118,7 +118,8 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    kind: str = "ddp"  # ddp | fsdp (FSDP2)
+    kind: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed
+    zero_stage: int = 2  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters sharded
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     backend: str = "auto"  # auto = nccl with GPUs, gloo without
     sync_bn: bool = False
@@ -169,7 +170,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("resampled", "exact"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
-    "engine.kind": ("ddp", "fsdp"),
+    "engine.kind": ("ddp", "fsdp", "deepspeed"),
+    "engine.zero_stage": (1, 2, 3),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.backend": ("auto", "gloo", "nccl"),
 }

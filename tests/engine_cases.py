@@ -62,8 +62,10 @@ class TinyEMA(Method):
         return self.config.method.momentum
 
 
-def make_config(method: str, engine: str, *extra: str) -> Config:
-    return config_lib.load(None, [f"method.name={method}", f"engine.kind={engine}", *TINY_VIT, *extra])
+def make_config(method: str, *extra: str) -> Config:
+    """`extra`: engine keys and other overrides; an engine kind alone may be given bare."""
+    extra = tuple(e if "=" in e else f"engine.kind={e}" for e in extra)
+    return config_lib.load(None, [f"method.name={method}", *TINY_VIT, f"optim.batch_size={2 * BATCH}", *extra])
 
 
 def rank_batch(rank: int, step: int) -> dict:
@@ -111,8 +113,14 @@ def train_steps(engine, steps: range, batch_for, track_ema: bool = False) -> dic
 
 
 def full(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter on every rank (a collective for sharded layouts)."""
     from torch.distributed.tensor import DTensor
 
+    if hasattr(param, "ds_tensor"):  # ZeRO-3
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param]):
+            return param.detach().clone()
     return (param.full_tensor() if isinstance(param, DTensor) else param).detach().clone()
 
 

@@ -58,7 +58,7 @@ def test_quickstart_one_process(tmp_path: Path):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp", "deepspeed"])
 def test_quickstart_two_processes_with_torchrun(tmp_path: Path, engine: str):
     run = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -66,7 +66,7 @@ def test_quickstart_two_processes_with_torchrun(tmp_path: Path, engine: str):
     # 64 samples per epoch = 2 steps: kNN after epoch 1 (step 2) and at the end (step 3).
     result = run_cli("train", str(QUICKSTART), *SMALL, f"log.dir={run}", "optim.max_steps=3",
                      "data.samples_per_epoch=64", "eval.knn_every_epochs=1", "eval.knn_baseline=false",
-                     "eval.knn_pixels=false", f"engine.kind={engine}", launcher=torchrun)
+                     "eval.knn_pixels=false", f"engine.kind={engine}", "engine.zero_stage=3", launcher=torchrun)
     assert result.returncode == 0, result.stderr
     # Each worker reports the world size its process group really has.
     assert "rank 0 of 2" in result.stderr and "rank 1 of 2" in result.stderr
@@ -75,8 +75,10 @@ def test_quickstart_two_processes_with_torchrun(tmp_path: Path, engine: str):
     knn_steps = [m["step"] for m in metrics(run) if "knn/top1" in m]
     assert knn_steps == [2, 3]
     assert 0 < metrics(run)[-1]["knn/top1"] <= 1  # features gathered from both ranks
-    written = {"ddp": "state.pt", "fsdp": "dcp/.metadata"}[engine]  # FSDP2: a DCP directory, all ranks' shards
-    assert (run / "checkpoints" / "step_00000003" / written).is_file()
+    # FSDP2: a DCP directory of all ranks' shards; DeepSpeed: its own layout, one file per rank.
+    written = {"ddp": "state.pt", "fsdp": "dcp/.metadata",
+               "deepspeed": "zero/zero_pp_rank_1_mp_rank_00_model_states.pt"}
+    assert (run / "checkpoints" / "step_00000003" / written[engine]).is_file()
     assert load_file(run / "backbone.safetensors")["conv1.weight"].shape == (64, 3, 3, 3)  # whole, not a shard
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 from engine_cases import global_batch, make_config, rank_batch, save_result, setup, train_steps
-from helpers import run_distributed
+from helpers import run_cli, run_distributed
+from safetensors.torch import load_file
 
 from bigssl.distributed import comm
 
@@ -17,9 +18,17 @@ NO_BN = "model.projector.batch_norm=false"
 pytestmark = pytest.mark.distributed
 
 
+ENGINES = {"fsdp": ["engine.kind=fsdp"], **{f"zero{s}": ["engine.kind=deepspeed", f"engine.zero_stage={s}"]
+                                             for s in (1, 2, 3)}}
+
+
+def engine_keys(engine: str) -> list[str]:
+    return ENGINES.get(engine, [f"engine.kind={engine}"])
+
+
 def _train(rank: int, world_size: int, method: str, engine: str, out: Path) -> None:
     assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config(method, engine), rank, world_size)
+    engine_ = setup(make_config(method, *engine_keys(engine)), rank, world_size)
     result = train_steps(engine_, range(STEPS), lambda step: rank_batch(rank, step), track_ema=True)
     save_result(out, rank, result)
 
@@ -31,9 +40,16 @@ def run(tmp_path: Path, method: str, engine: str) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> dict[str, list[dict]]:
+    root = tmp_path_factory.mktemp("ddp")
+    return {method: run(root, method, "ddp") for method in ("simclr", "test_tiny_ema")}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 @pytest.mark.parametrize("method", ["simclr", "test_tiny_ema"])
-def test_fsdp2_reproduces_ddp(tmp_path: Path, method: str):
-    ddp, fsdp = run(tmp_path, method, "ddp"), run(tmp_path, method, "fsdp")
+def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, engine: str):
+    ddp, fsdp = ddp_runs[method], run(tmp_path, method, engine)
     for rank in range(2):
         assert len(ddp[rank]["losses"]) == STEPS
         torch.testing.assert_close(torch.tensor(fsdp[rank]["losses"]), torch.tensor(ddp[rank]["losses"]),
@@ -48,25 +64,28 @@ def test_fsdp2_reproduces_ddp(tmp_path: Path, method: str):
 
 def _save_and_continue(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path) -> None:
     assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config("test_tiny_ema", engine), rank, world_size)
+    engine_ = setup(make_config("test_tiny_ema", *engine_keys(engine)), rank, world_size)
     first = train_steps(engine_, range(3), lambda step: rank_batch(rank, step))
     if rank == 0:
         checkpoint.mkdir()
     comm.barrier()
     engine_.save(checkpoint, {"step": 3})
     comm.barrier()
+    whole = engine_.full_module(engine_.method.backbone).state_dict()  # a collective: every rank
+    if rank == 0:
+        torch.save({k: v.detach().clone() for k, v in whole.items()}, out / "backbone_at_save.pt")
     rest = train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step))
     save_result(out, rank, {"losses": first["losses"] + rest["losses"]})
 
 
 def _resume(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path) -> None:
     assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config("test_tiny_ema", engine), rank, world_size)
+    engine_ = setup(make_config("test_tiny_ema", *engine_keys(engine)), rank, world_size)
     assert engine_.load(checkpoint) == {"step": 3}
     save_result(out, rank, train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step)))
 
 
-@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+@pytest.mark.parametrize("engine", ["ddp", *ENGINES])
 def test_resume_continues_exactly(tmp_path: Path, engine: str):
     checkpoint, straight, resumed = tmp_path / "ckpt", tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir(), resumed.mkdir()
@@ -76,6 +95,15 @@ def test_resume_continues_exactly(tmp_path: Path, engine: str):
         uninterrupted = torch.load(straight / f"rank{rank}.pt", weights_only=True)["losses"]
         after_resume = torch.load(resumed / f"rank{rank}.pt", weights_only=True)["losses"]
         assert after_resume == uninterrupted[3:]  # bit for bit
+    # `bigssl export` merges any engine's checkpoint into the backbone it held, in one process.
+    exported = tmp_path / "backbone.safetensors"
+    result = run_cli("export", str(checkpoint), str(exported))
+    assert result.returncode == 0, result.stderr
+    expected = torch.load(straight / "backbone_at_save.pt", weights_only=True)
+    weights = load_file(exported)
+    assert set(weights) == set(expected) and len(weights) > 10
+    for name, tensor in expected.items():
+        torch.testing.assert_close(weights[name], tensor, atol=0, rtol=0)
 
 
 def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path):

@@ -88,3 +88,13 @@ class Engine(ABC):
     @abstractmethod
     def load(self, directory: Path) -> dict[str, Any]:
         """Restore state from `directory`; returns the trainer's `extra`."""
+
+
+@torch.no_grad()
+def plain_layout(module: nn.Module) -> None:
+    """Give every parameter row-major strides. Sharding engines flatten and view parameters as
+    bytes, which channels-last weights refuse; a 1×1 conv weight in channels-last even reports
+    is_contiguous() while its last stride is not 1, so compare the strides themselves."""
+    for param in module.parameters():
+        if param.stride() != torch.empty(param.shape, device="meta").stride():
+            param.data = param.data.clone(memory_format=torch.contiguous_format)

@@ -24,7 +24,9 @@ class DDPEngine(Engine):
         self.optimizer = optimizer_factory(method)
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.module: nn.Module = DistributedDataParallel(method, device_ids=device_ids)
+            # Gradients as views of the reduction buckets: one copy of the gradients, not two.
+            self.module: nn.Module = DistributedDataParallel(method, device_ids=device_ids,
+                                                             gradient_as_bucket_view=True)
         else:
             self.module = method
 

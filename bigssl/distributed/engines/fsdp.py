@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from bigssl.distributed.engines.base import Engine
+from bigssl.distributed.engines.base import Engine, plain_layout
 from bigssl.methods.base import Batch, Method
 
 DCP_DIR = "dcp"
@@ -58,10 +58,7 @@ class FSDPEngine(Engine):
     def setup(self, method: Method, optimizer_factory) -> None:
         _ensure_process_group()
         method.to(self.device)
-        with torch.no_grad():  # FSDP2 shards only contiguous parameters: channels-last conv weights
-            for param in method.parameters():  # go back to NCHW (inputs may stay channels-last)
-                if not param.is_contiguous():
-                    param.data = param.data.contiguous()
+        plain_layout(method)  # inputs may stay channels-last
         # An unsharded skeleton of the backbone (no storage) to rebuild it whole for evaluation.
         self._skeletons = {id(method.backbone): copy.deepcopy(method.backbone).to("meta")}
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))

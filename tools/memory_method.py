@@ -1,0 +1,29 @@
+"""The smallest method for tools/bench_memory.py: the backbone's features, squared and averaged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bigssl.config import MethodConfig
+from bigssl.data.views import flat
+from bigssl.methods.base import Method, register
+from bigssl.models.backbones import build_backbone
+
+FEATURES_METHOD = "bench_features"
+
+
+@dataclass
+class FeaturesConfig(MethodConfig):
+    name: str = FEATURES_METHOD
+
+
+@register(FEATURES_METHOD)
+class Features(Method):
+    config_class = FeaturesConfig
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.backbone = build_backbone(config.model)
+
+    def forward(self, batch, step):
+        return {"loss": self.backbone(flat(batch["views"][0])).pow(2).mean()}
