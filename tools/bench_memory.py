@@ -9,7 +9,7 @@ For each backbone, each engine (DDP, DeepSpeed ZeRO-1/2/3, FSDP2) trains one ste
               reduction buckets, engine work buffers), de-duplicated by storage;
   optimizer   AdamW's moments as held by this rank;
   master      fp32 master-weight copies that an engine keeps besides the parameters (DeepSpeed
-              ZeRO-1/2 clone their partition even in fp32; ZeRO-3 and the others do not).
+              clones its partition even in fp32 training; DDP and FSDP2 keep none).
 Ratios are per-rank totals over DDP's for the same model. DDP keeps its gradients as views of
 its reduction buckets (bigssl's default), so they are counted once.
 """
@@ -94,8 +94,9 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
     inner = getattr(engine_.optimizer, "optimizer", engine_.optimizer)  # DeepSpeed wraps the client's
     moments = storages(v for state in inner.state.values() for v in state.values()
                        if isinstance(v, torch.Tensor) and v.dim() > 0)
-    master = {ptr: n for ptr, n in storages(getattr(engine_.optimizer, "single_partition_of_fp32_groups", [])).items()
-              if ptr not in params}
+    copies = [*getattr(engine_.optimizer, "single_partition_of_fp32_groups", []),  # ZeRO-1/2
+              *getattr(engine_.optimizer, "fp32_partitioned_groups_flat", [])]  # ZeRO-3
+    master = {ptr: n for ptr, n in storages(copies).items() if ptr not in params}
     known = {**params, **moments, **master, **storages(batch["views"])}
     # Everything else this rank holds now: gradients, reduction buckets, engine work buffers.
     gradients = {ptr: n for ptr, n in live_storages().items() if ptr not in known}
