@@ -124,6 +124,8 @@ class EngineConfig:
     backend: str = "auto"  # auto = nccl with GPUs, gloo without
     sync_bn: bool = False
     timeout_s: float = 1800.0
+    activation_checkpointing: bool = False  # recompute the backbone's blocks in backward (timm models)
+    compile: bool = False  # torch.compile the backbone (ddp and fsdp engines)
 
 
 @dataclass

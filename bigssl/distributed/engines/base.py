@@ -35,6 +35,21 @@ class Engine(ABC):
     method: Method
     optimizer: torch.optim.Optimizer
 
+    def prepare(self, method: Method) -> None:
+        """The engine switches that change how the backbone runs, not what it computes;
+        each engine's setup calls this before wrapping."""
+        backbone = method.backbone
+        if self.config.engine.activation_checkpointing:
+            if not hasattr(backbone, "set_grad_checkpointing"):
+                raise ConfigError(f"engine.activation_checkpointing: {type(backbone).__name__} has no "
+                                  "set_grad_checkpointing (timm models do)")
+            backbone.set_grad_checkpointing(True)  # its blocks are recomputed in backward
+        if self.config.engine.compile:
+            if self.config.engine.kind == "deepspeed":
+                raise ConfigError("engine.compile: not with engine.kind=deepspeed (its ZeRO hooks and "
+                                  "torch.compile do not mix reliably); use ddp or fsdp")
+            backbone.compile()  # in place: the module keeps its parameters and state-dict names
+
     @abstractmethod
     def setup(self, method: Method, optimizer_factory) -> None:
         """Wrap `method` and build its optimizer with `optimizer_factory(module)`."""

@@ -18,6 +18,7 @@ STATE_FILE = "state.pt"
 class DDPEngine(Engine):
     def setup(self, method: Method, optimizer_factory) -> None:
         method.to(self.device)
+        self.prepare(method)
         if self.config.engine.sync_bn and self.env.distributed:
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method

@@ -70,6 +70,7 @@ class DeepSpeedEngine(Engine):
         if not dist.is_initialized():  # alone: a private one-rank group (DeepSpeed needs one)
             dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         method.to(self.device)
+        self.prepare(method)
         plain_layout(method)  # inputs may stay channels-last
         self._skeletons = {id(method.backbone): copy.deepcopy(method.backbone).to("meta")}
         micro_batch = max(1, self.config.optim.batch_size // self.env.world_size)

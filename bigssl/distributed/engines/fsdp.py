@@ -58,6 +58,7 @@ class FSDPEngine(Engine):
     def setup(self, method: Method, optimizer_factory) -> None:
         _ensure_process_group()
         method.to(self.device)
+        self.prepare(method)
         plain_layout(method)  # inputs may stay channels-last
         # An unsharded skeleton of the backbone (no storage) to rebuild it whole for evaluation.
         self._skeletons = {id(method.backbone): copy.deepcopy(method.backbone).to("meta")}
