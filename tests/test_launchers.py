@@ -1,10 +1,9 @@
-"""Each launcher starts a real 2-process run: the deepspeed launcher and accelerate here, torchrun
-in tests/test_e2e.py (with every engine).
+"""Each launcher starts a real 2-process run: srun (under a real single-node SLURM), the
+deepspeed launcher and accelerate here, torchrun in tests/test_e2e.py (with every engine).
 
 Every worker prints `bigssl: rank r of W` only after checking that its process group really has
 W ranks, so finding both ranks' lines proves two synchronised processes, not two lonely ones
 (accelerate's `--cpu` flag, for one, silently starts a single process: reference/stack.md).
-srun is tested under a real SLURM with the templates in slurm/ (tests/test_slurm.py).
 """
 
 from __future__ import annotations
@@ -47,5 +46,17 @@ def test_launcher_starts_two_synchronised_ranks(tmp_path: Path, name: str):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "rank 0 of 2" in output and "rank 1 of 2" in output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in records if "loss" in r] == [2, 2]
+
+
+def test_srun_starts_two_synchronised_ranks(tmp_path: Path, slurm_cluster: dict[str, str]):
+    run = tmp_path / "run"
+    env = {**worker_env(), **slurm_cluster}
+    result = run_cli("train", str(QUICKSTART), *TINY, f"log.dir={run}", env=env,
+                     launcher=["srun", "--ntasks=2", "--kill-on-bad-exit=1", sys.executable, "-m"])
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "rank 0 of 2" in output and "rank 1 of 2" in output and "launcher slurm" in output
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in records if "loss" in r] == [2, 2]
