@@ -21,8 +21,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                      "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def worker_env() -> dict[str, str]:
-    env = dict(os.environ)
+    """This environment minus any rank variables: in-process engine tests set them (DeepSpeed
+    reads the rank from the environment), and a launched job must see only its launcher's."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
     env.update({"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env
 
