@@ -62,9 +62,10 @@ def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, en
                 torch.testing.assert_close(teacher, reference, atol=1e-6, rtol=0)
 
 
-def _save_and_continue(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path) -> None:
+def _save_and_continue(rank: int, world_size: int, keys: list[str], checkpoint: Path, out: Path) -> None:
+    """3 steps, a checkpoint, 2 more steps; records the losses and the whole backbone at the save."""
     assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config("test_tiny_ema", *engine_keys(engine)), rank, world_size)
+    engine_ = setup(make_config(*keys), rank, world_size)
     first = train_steps(engine_, range(3), lambda step: rank_batch(rank, step))
     if rank == 0:
         checkpoint.mkdir()
@@ -89,7 +90,7 @@ def _resume(rank: int, world_size: int, engine: str, checkpoint: Path, out: Path
 def test_resume_continues_exactly(tmp_path: Path, engine: str):
     checkpoint, straight, resumed = tmp_path / "ckpt", tmp_path / "straight", tmp_path / "resumed"
     straight.mkdir(), resumed.mkdir()
-    run_distributed(_save_and_continue, 2, engine, checkpoint, straight)
+    run_distributed(_save_and_continue, 2, ["test_tiny_ema", *engine_keys(engine)], checkpoint, straight)
     run_distributed(_resume, 2, engine, checkpoint, resumed)
     for rank in range(2):
         uninterrupted = torch.load(straight / f"rank{rank}.pt", weights_only=True)["losses"]
@@ -112,7 +113,7 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path):
     continue the same loss curve."""
     checkpoint, straight = tmp_path / "ckpt", tmp_path / "straight"
     straight.mkdir()
-    run_distributed(_save_and_continue_simclr, 2, checkpoint, straight)
+    run_distributed(_save_and_continue, 2, ["simclr", "fsdp", NO_BN], checkpoint, straight)
     two_ranks = [torch.load(straight / f"rank{r}.pt", weights_only=True)["losses"] for r in range(2)]
     expected = [(a + b) / 2 for a, b in zip(two_ranks[0], two_ranks[1], strict=True)]
 
@@ -121,15 +122,3 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path):
     resumed = train_steps(engine, range(3, STEPS), lambda step: global_batch(2, step))["losses"]
     torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected[3:]), atol=1e-5, rtol=0)
 
-
-def _save_and_continue_simclr(rank: int, world_size: int, checkpoint: Path, out: Path) -> None:
-    assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config("simclr", "fsdp", NO_BN), rank, world_size)
-    first = train_steps(engine_, range(3), lambda step: rank_batch(rank, step))
-    if rank == 0:
-        checkpoint.mkdir()
-    comm.barrier()
-    engine_.save(checkpoint, {"step": 3})
-    comm.barrier()
-    rest = train_steps(engine_, range(3, STEPS), lambda step: rank_batch(rank, step))
-    save_result(out, rank, {"losses": first["losses"] + rest["losses"]})
