@@ -120,12 +120,13 @@ class OptimConfig:
 class EngineConfig:
     kind: str = "ddp"  # ddp | fsdp (FSDP2) | deepspeed
     zero_stage: int = 2  # deepspeed: 1 optimizer state, 2 + gradients, 3 + parameters sharded
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling; GPU only)
     backend: str = "auto"  # auto = nccl with GPUs, gloo without
     sync_bn: bool = False
     timeout_s: float = 1800.0
     activation_checkpointing: bool = False  # recompute the backbone's blocks in backward (timm models)
     compile: bool = False  # torch.compile the backbone (ddp and fsdp engines)
+    loss_scale_init: float = 65536.0  # fp16: the first dynamic loss scale, a power of two
 
 
 @dataclass
@@ -258,6 +259,9 @@ def validate(config: Config) -> None:
         pair = get(config, key)
         if pair is not None and (len(pair) != 2 or pair[0] > pair[1]):
             raise ConfigError(f"{key}: expected [low, high] with low <= high, got {list(pair)}")
+    scale = config.engine.loss_scale_init
+    if scale < 1 or math.log2(scale) != int(math.log2(scale)):
+        raise ConfigError(f"engine.loss_scale_init: {scale} is not a power of two >= 1 (scaling by one is exact)")
     if not config.data.train:
         raise ConfigError("data.train: no training shards given")
     if config.data.workers < 0 or config.data.shuffle_buffer < 0 or config.data.micro_batch < 0:

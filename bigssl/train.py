@@ -223,7 +223,8 @@ class Trainer:
                 p.epoch_step += 1
                 window.add(out["loss"])
                 if p.step % config.log.every_steps == 0 or p.step == self.last_step:
-                    self._log_window(monitor, window, {"lr": lr, "grad_norm": grad_norm}, loader.skipped())
+                    self._log_window(monitor, window, {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics()},
+                                     loader.skipped())
                 every = config.checkpoint.every_steps
                 if every and p.step % every == 0 and p.step < self.last_step:
                     self._save(loader.skipped())

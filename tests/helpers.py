@@ -13,6 +13,9 @@ import torch.multiprocessing as mp
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart" / "simclr.yaml"
+# A few small steps of the real recipe: narrower network, small batch.
+SMALL = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32",
+         "model.projector.out_dim=16", "optim.batch_size=32", "data.workers=1", "log.every_steps=1"]
 
 
 def free_port() -> int:

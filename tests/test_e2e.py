@@ -12,13 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, free_port, run_cli, worker_env
+from helpers import QUICKSTART, SMALL, free_port, run_cli, worker_env
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-# A few small steps of the real recipe: narrower network, small batch.
-SMALL = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32",
-         "model.projector.out_dim=16", "optim.batch_size=32", "data.workers=1", "log.every_steps=1"]
 
 
 def metrics(run: Path) -> list[dict]:

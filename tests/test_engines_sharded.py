@@ -30,6 +30,9 @@ def _train(rank: int, world_size: int, method: str, engine: str, out: Path) -> N
     assert comm.world_size() == world_size == 2
     engine_ = setup(make_config(method, *engine_keys(engine)), rank, world_size)
     result = train_steps(engine_, range(STEPS), lambda step: rank_batch(rank, step), track_ema=True)
+    if engine == "zero3":  # fp32 masters are the parameter partitions, not copies of them
+        groups = len(engine_.optimizer.optimizer.param_groups)
+        result["master_groups_shared"] = (engine_.master_groups_shared, groups)
     save_result(out, rank, result)
 
 
@@ -55,6 +58,9 @@ def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, en
         torch.testing.assert_close(torch.tensor(fsdp[rank]["losses"]), torch.tensor(ddp[rank]["losses"]),
                                    atol=1e-5, rtol=0)
     assert ddp[0]["losses"][0] != ddp[0]["losses"][-1]  # it trained
+    if engine == "zero3":
+        shared, groups = fsdp[0]["master_groups_shared"]
+        assert shared == groups > 0
     if method == "test_tiny_ema":
         for result in (*ddp, *fsdp):  # the teacher, gathered, is the full-tensor EMA of the student
             assert len(result["teacher"]) == len(result["reference"]) > 10

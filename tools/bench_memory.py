@@ -9,7 +9,8 @@ For each backbone, each engine (DDP, DeepSpeed ZeRO-1/2/3, FSDP2) trains one ste
               reduction buckets, engine work buffers), de-duplicated by storage;
   optimizer   AdamW's moments as held by this rank;
   master      fp32 master-weight copies that an engine keeps besides the parameters (DeepSpeed
-              clones its partition even in fp32 training; DDP and FSDP2 keep none).
+              ZeRO-1/2 clone their partition even in fp32 training; bigssl's ZeRO-3 engine
+              shares it with the parameters; DDP and FSDP2 keep none).
 Ratios are per-rank totals over DDP's for the same model. DDP keeps its gradients as views of
 its reduction buckets (bigssl's default), so they are counted once.
 """

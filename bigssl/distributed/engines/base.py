@@ -9,6 +9,7 @@ it has.
 from __future__ import annotations
 
 import contextlib
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,14 @@ import torch
 from torch import nn
 
 from bigssl.config import Config
+from bigssl.distributed.engines.loss_scale import DynamicLossScaler
 from bigssl.distributed.env import DistEnv
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method
+
+# fp16 on CPU is slow and pointless for training; the test suite sets this to exercise loss
+# scaling on machines without a GPU.
+CPU_FP16_ENV = "BIGSSL_ALLOW_CPU_FP16"
 
 
 class Engine(ABC):
@@ -28,9 +34,11 @@ class Engine(ABC):
         self.env = env
         self.device = device
         precision = config.engine.precision
-        if precision == "fp16" and device.type != "cuda":
+        if precision == "fp16" and device.type != "cuda" and os.environ.get(CPU_FP16_ENV) != "1":
             raise ConfigError("engine.precision: fp16 needs a GPU (use bf16 or fp32 on CPU)")
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # fp16 needs its loss scaled (bf16 has fp32's exponent range and does not).
+        self.scaler = DynamicLossScaler(config.engine.loss_scale_init) if precision == "fp16" else None
 
     method: Method
     optimizer: torch.optim.Optimizer
@@ -67,7 +75,35 @@ class Engine(ABC):
 
     @abstractmethod
     def step(self) -> float:
-        """Clip, step the optimizer, zero the gradients; returns the pre-clip gradient norm."""
+        """Clip, step the optimizer, zero the gradients; returns the pre-clip gradient norm
+        (non-finite when an fp16 overflow made the engine skip the step)."""
+
+    def metrics(self) -> dict[str, float]:
+        """Engine state worth logging at each log step (the fp16 loss scale)."""
+        if self.scaler is None:
+            return {}
+        return {"loss_scale": self.scaler.scale, "overflow_steps": float(self.scaler.overflow_steps)}
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.scaler is None else self.scaler.scaled(loss)
+
+    def _clip_and_step(self) -> float:
+        """Unscale (fp16), clip and step for engines whose parameters the optimizer sees directly."""
+        params = [p for p in self.method.parameters() if p.grad is not None]
+        finite = True
+        if self.scaler is not None:  # gradients must be true-sized before clipping measures them
+            finite = self.scaler.unscale_([self.local_tensor(p.grad) for p in params])
+        max_norm = self.config.optim.clip_grad
+        # clip_grad_norm_ with an infinite limit measures without clipping.
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 and finite else float("inf"))
+        if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
+            norm = norm.full_tensor()
+        if finite:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(finite)
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
 
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         """The part of `param` this rank holds (all of it for replicated engines)."""

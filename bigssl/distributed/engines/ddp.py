@@ -36,25 +36,23 @@ class DDPEngine(Engine):
             return self.module(batch, step)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        self._scaled(loss).backward()
 
     def step(self) -> float:
-        params = [p for p in self.method.parameters() if p.grad is not None]
-        max_norm = self.config.optim.clip_grad
-        # clip_grad_norm_ with an infinite limit measures without clipping.
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return self._clip_and_step()
 
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         if not self.env.is_main:
             return  # replicas are identical: one copy is the checkpoint
         state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra}
+        if self.scaler is not None:
+            state["loss_scale"] = self.scaler.state_dict()
         torch.save(state, directory / STATE_FILE)
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "loss_scale" in state:
+            self.scaler.load_state_dict(state["loss_scale"])
         return state["extra"]

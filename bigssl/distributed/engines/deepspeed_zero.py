@@ -8,12 +8,16 @@ teacher's `ds_tensor` lines up with its student's and the EMA needs no communica
 Written explicitly because DeepSpeed's defaults bite: `gradient_clipping` (absent = clip at 1.0),
 `zero_allow_untested_optimizer` (SGD and LARS are not on its list). Precision is the trainer's
 autocast, as for the other engines, so all engines compute the same numbers; fp32 master
-weights are kept by the client optimizer.
+weights are kept by the client optimizer. fp16 is the exception: its loss scaling has to live
+inside ZeRO (the overflow check must see every partition), so it turns on DeepSpeed's own fp16
+mode, which also stores the model in fp16 (fp32 master copies in the optimizer) under the
+same autocast.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,8 @@ def _deepspeed():
     return deepspeed
 
 
-def ds_config(stage: int, micro_batch: int, clip: float, parameters: int) -> dict[str, Any]:
+def ds_config(stage: int, micro_batch: int, clip: float, parameters: int, fp16_scale: float | None = None
+              ) -> dict[str, Any]:
     # DeepSpeed's communication buckets default to 5·10⁸ elements, sized for big models on GPUs:
     # ZeRO-3 preallocates one, 2 GB in fp32 (measured: 24× a ViT-S's parameters). A sixteenth of
     # the model, within [10⁶, 5·10⁸] elements, keeps them in proportion.
@@ -52,9 +57,38 @@ def ds_config(stage: int, micro_batch: int, clip: float, parameters: int) -> dic
                               **({"stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": bucket}
                                  if stage == 3 else {})},
         "zero_allow_untested_optimizer": True,
+        # Dynamic loss scaling (loss_scale 0) from engine.loss_scale_init, halved on overflow (any rank's, all-reduced),
+        # doubled after 2000 clean steps: the DDP and FSDP engines' schedule.
+        **({"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": round(math.log2(fp16_scale or 1)),
+                     "loss_scale_window": 2000,
+                     "hysteresis": 1, "min_loss_scale": 1}} if fp16_scale else {}),
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+
+
+@torch.no_grad()
+def share_master_weights(optimizer) -> int:
+    """Under ZeRO-3 with an fp32 model, let DeepSpeed's fp32 master partitions be this rank's
+    parameter partitions themselves; returns the number of groups shared.
+
+    DeepSpeed keeps an fp32 master copy of every partition for its optimizer, then copies it back
+    into the parameters. For an fp32 model the copy is pure overhead (a fifth of ZeRO-3's per-rank
+    memory with AdamW); stage 3 means to skip it but compares a torch.device with a str and never
+    does (DeepSpeed 0.19.8, stage3._create_fp32_partitions). Re-pointing the master's storage
+    keeps the tensor's identity (the optimizer's param groups and state are keyed by it), and the
+    copy back becomes a copy onto itself. Stages 1/2 are left alone: they also link per-parameter
+    views of the master copy (`_hp_mapping`), which would keep the old storage and go stale."""
+    if not hasattr(optimizer, "fp32_partitioned_groups_flat"):
+        return 0
+    shared = 0
+    for master, own in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat,
+                           strict=True):
+        if (master.dtype == own.dtype == torch.float32 and master.device == own.device
+                and master.shape == own.shape and master.data_ptr() != own.data_ptr()):
+            master.data = own.data
+            shared += 1
+    return shared
 
 
 class DeepSpeedEngine(Engine):
@@ -62,6 +96,14 @@ class DeepSpeedEngine(Engine):
         stage = self.config.engine.zero_stage
         if stage not in (1, 2, 3):
             raise ConfigError(f"engine.zero_stage: {stage} is not one of 1, 2, 3")
+        fp16 = self.config.engine.precision == "fp16"
+        self.scaler = None  # DeepSpeed scales the loss itself
+        if fp16 and method.ema_pairs():
+            # DeepSpeed's fp16 mode stores every parameter in fp16, frozen teachers included, and
+            # an EMA step (1 − m)·Δ below 2⁻¹¹ of a weight then vanishes: the teacher freezes.
+            raise ConfigError(f"engine.precision: fp16 with engine.kind=deepspeed would keep "
+                              f"{self.config.method.name}'s EMA teacher in fp16, where its updates round "
+                              "away; use bf16, or fp16 with engine.kind=ddp or fsdp")
         deepspeed = _deepspeed()
         # DeepSpeed reads the rank from the environment; srun and plain spawns do not set it.
         for name, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
@@ -77,7 +119,10 @@ class DeepSpeedEngine(Engine):
         self.ds, self.optimizer, _, _ = deepspeed.initialize(
             model=method, optimizer=optimizer_factory(method), dist_init_required=False,
             config=ds_config(stage, micro_batch, self.config.optim.clip_grad,
-                             sum(p.numel() for p in method.parameters())))
+                             sum(p.numel() for p in method.parameters()),
+                             fp16_scale=self.config.engine.loss_scale_init if fp16 else None))
+        # fp16 mode's fp16 parameters need their fp32 masters; fp32 ones can be their own.
+        self.master_groups_shared = 0 if fp16 else share_master_weights(self.optimizer)
         self.method = method
         self.stage = stage
 
@@ -92,6 +137,11 @@ class DeepSpeedEngine(Engine):
         self.ds.step()  # clips (as configured), steps and zeroes the gradients
         norm = self.ds.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    def metrics(self) -> dict[str, float]:
+        if self.config.engine.precision != "fp16":
+            return {}
+        return {"loss_scale": float(self.ds.optimizer.loss_scale), "overflow_steps": float(self.ds.skipped_steps)}
 
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_tensor") else param.detach()

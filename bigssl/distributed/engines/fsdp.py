@@ -74,17 +74,10 @@ class FSDPEngine(Engine):
             return self.method(batch, step)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()  # gradients are reduce-scattered (averaged over ranks) unit by unit
+        self._scaled(loss).backward()  # gradients are reduce-scattered (averaged over ranks) unit by unit
 
     def step(self) -> float:
-        params = [p for p in self.method.parameters() if p.grad is not None]
-        max_norm = self.config.optim.clip_grad
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return self._clip_and_step()
 
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param.to_local() if isinstance(param, DTensor) else param.detach()
@@ -105,11 +98,15 @@ class FSDPEngine(Engine):
     def save(self, directory: Path, extra: dict[str, Any]) -> None:
         dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
         if self.env.is_main:
-            torch.save({"extra": extra}, directory / EXTRA_FILE)
+            scale = {} if self.scaler is None else {"loss_scale": self.scaler.state_dict()}
+            torch.save({"extra": extra, **scale}, directory / EXTRA_FILE)
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = self._state()
         dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
         set_state_dict(self.method, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        return torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)["extra"]
+        saved = torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+        if self.scaler is not None and "loss_scale" in saved:
+            self.scaler.load_state_dict(saved["loss_scale"])
+        return saved["extra"]
