@@ -1,4 +1,4 @@
-"""Command line: `bigssl train | shards | export`. Thin: parse, then call the library.
+"""Command line: `bigssl train | shards | eval | export`. Thin: parse, then call the library.
 
 User errors print one line and exit with code 2; set BIGSSL_DEBUG=1 to see tracebacks.
 """
@@ -41,6 +41,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from bigssl.distributed.env import detect
+    from bigssl.eval.offline import EvalOptions, evaluate
+
+    options = EvalOptions(train=args.train, val=args.val, extract_batch=args.extract_batch, workers=args.workers,
+                          **({"k": args.k, "temperature": args.temperature} if args.kind == "knn" else
+                             {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                              "standardize": not args.no_standardize}))
+    evaluate(args.kind, Path(args.source), options)
+    if detect().distributed:  # as after training: skip gloo's exit handlers (reference/stack.md)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 0
+
+
 def _shards(args: argparse.Namespace) -> int:
     from bigssl.data.build import Options, build
 
@@ -78,6 +94,27 @@ def parser() -> argparse.ArgumentParser:
     shards.add_argument("--no-shuffle", action="store_true", help="keep the listing order (class by class)")
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
     shards.set_defaults(run=_shards)
+
+    evaluation = commands.add_parser("eval", help="score a run's (or checkpoint's) backbone: kNN or linear probe")
+    kinds = evaluation.add_subparsers(dest="kind", required=True)
+    for kind, text in (("knn", "weighted k-nearest-neighbour accuracy"),
+                       ("linear", "linear probe on cached features, the method's published protocol")):
+        sub = kinds.add_parser(kind, help=text)
+        sub.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its newest checkpoint) or a checkpoint")
+        sub.add_argument("--train", required=True, help="labelled training shards (pattern, or quickstart:train)")
+        sub.add_argument("--val", required=True, help="labelled validation shards")
+        sub.add_argument("--extract-batch", type=int, default=256, help="images per rank per extraction batch")
+        sub.add_argument("--workers", type=int, default=2, help="data workers per rank")
+        if kind == "knn":
+            sub.add_argument("--k", type=int, default=20, help="neighbours that vote")
+            sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
+        else:
+            sub.add_argument("--epochs", type=int, help="override the protocol's epochs")
+            sub.add_argument("--lr", type=float, help="override the protocol's base lr")
+            sub.add_argument("--batch-size", type=int, help="override the protocol's batch size")
+            sub.add_argument("--no-standardize", action="store_true",
+                             help="raw features (default: standardised by the training set's mean and std)")
+        sub.set_defaults(run=_eval)
 
     export = commands.add_parser("export", help="a run's (or checkpoint's) backbone → one safetensors file, "
                                                 "from any engine")

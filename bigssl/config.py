@@ -153,6 +153,8 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     batch_size: int = 256  # per rank, for feature extraction
+    online_probe_classes: int = 0  # > 0: train a linear classifier on detached features alongside
+    online_probe_lr: float = 0.1  # its peak lr (same schedule as the backbone's; no weight decay)
 
 
 @dataclass

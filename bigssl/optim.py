@@ -11,16 +11,28 @@ from torch import nn
 
 from bigssl.config import OptimConfig
 
+PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (Method.attach_online_probe)
 
-def param_groups(model: nn.Module, config: OptimConfig) -> list[dict]:
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
+
+def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1) -> list[dict]:
+    """Named groups: "decay", "no_decay" (biases and norms) and "online_probe", which follows the
+    same schedule scaled to peak at `probe_lr`, with no weight decay and no LARS adaptation."""
+    decay, no_decay, probe = [], [], []
+    for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if config.exclude_bias_norm and param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config.weight_decay, "lars_adapt": True, "lr_scale": 1.0}]
+        if name.startswith(PROBE_PREFIX):
+            probe.append(param)
+        else:
+            (no_decay if config.exclude_bias_norm and param.ndim <= 1 else decay).append(param)
+    groups = [{"name": "decay", "params": decay, "weight_decay": config.weight_decay, "lars_adapt": True,
+               "lr_scale": 1.0}]
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, "lars_adapt": False, "lr_scale": 1.0})
+        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_adapt": False,
+                       "lr_scale": 1.0})
+    if probe:
+        groups.append({"name": "online_probe", "params": probe, "weight_decay": 0.0, "lars_adapt": False,
+                       "lr_scale": probe_lr / config.lr})
     return groups
 
 
@@ -62,8 +74,8 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, config)
+def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1) -> torch.optim.Optimizer:
+    groups = param_groups(model, config, probe_lr)
     if config.name == "lars":
         return LARS(groups, lr=config.lr, momentum=config.momentum, eta=config.lars_eta)
     if config.name == "sgd":

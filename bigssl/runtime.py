@@ -37,3 +37,19 @@ def keep_freed_memory() -> bool:
         return False
     _tuned = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
     return _tuned
+
+
+def memory_gib(device) -> dict[str, float]:
+    """This process's resident memory now and, on a GPU, the peak of allocated device memory."""
+    values: dict[str, float] = {}
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+        values["memory/rss_gib"] = resident_pages * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):  # no procfs (macOS)
+        pass
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        values["memory/gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return values

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bigssl import config as config_lib
-from bigssl import runtime
+from bigssl import health, runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
@@ -38,7 +38,8 @@ from bigssl.schedules import WarmupCosine
 
 
 class _Window:
-    """Accumulates what happened since the last log step, without syncing the device each step."""
+    """Accumulates what happened since the last log step, without syncing the device each step:
+    the method's loss and every other 0-dim tensor it reports (see methods/base.py)."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device)
@@ -47,10 +48,22 @@ class _Window:
     def reset(self) -> None:
         self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
         self.loss_sum.zero_()
+        self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach().float()
+    def add(self, out: dict[str, Any]) -> None:
+        self.loss_sum += out.get("ssl_loss", out["loss"]).detach().float()
+        for name, value in out.items():
+            if name not in ("loss", "ssl_loss") and torch.is_tensor(value) and value.ndim == 0:
+                value = value.detach().float()
+                self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.steps += 1
+
+    def means(self) -> dict[str, float]:
+        """Window means over every rank (a collective)."""
+        names = sorted(self.sums)
+        values = torch.stack([self.loss_sum, *(self.sums[n] for n in names)]) / self.steps
+        values = comm.all_reduce_mean(values).tolist()
+        return dict(zip(["loss", *names], values, strict=True))
 
 
 @dataclass
@@ -85,13 +98,17 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.method = build_method(config)
+        if config.eval.online_probe_classes:
+            self.method.attach_online_probe(config.eval.online_probe_classes)
         self.engine = build_engine(config, self.env, self.device)
-        self.engine.setup(self.method, lambda module: build_optimizer(module, config.optim))
+        probe_lr = config.eval.online_probe_lr
+        self.engine.setup(self.method, lambda module: build_optimizer(module, config.optim, probe_lr))
         self.lr = WarmupCosine(peak=config.optim.lr, total_steps=self.total_steps,
                                warmup_steps=round(config.optim.warmup_epochs * self.steps_per_epoch),
                                final=config.optim.min_lr)
         self.checkpoints = Checkpointer(self.run_dir, config.checkpoint.keep, self.env.is_main)
         self.progress = Progress()
+        self.collapse_watch = health.CollapseWatch()
         self.generator = torch.Generator(device=self.device)
 
     # ----------------------------------------------------------------------------- helpers
@@ -221,10 +238,10 @@ class Trainer:
                 self.method.after_step(p.step)
                 p.step += 1
                 p.epoch_step += 1
-                window.add(out["loss"])
+                window.add(out)
                 if p.step % config.log.every_steps == 0 or p.step == self.last_step:
-                    self._log_window(monitor, window, {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics()},
-                                     loader.skipped())
+                    values = {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics(), **self._health(out, p.step)}
+                    self._log_window(monitor, window, values, loader.skipped())
                 every = config.checkpoint.every_steps
                 if every and p.step % every == 0 and p.step < self.last_step:
                     self._save(loader.skipped())
@@ -264,16 +281,33 @@ class Trainer:
         step = self.progress.step
         skipped = self._skipped_now(epoch_skips)
         elapsed = time.perf_counter() - window.start
-        loss = float(comm.all_reduce_mean(window.loss_sum / window.steps))
-        record = {"epoch": self.progress.epoch + self.progress.epoch_step / self.steps_per_epoch, "loss": loss,
+        means = window.means()
+        loss = means["loss"]
+        record = {"epoch": self.progress.epoch + self.progress.epoch_step / self.steps_per_epoch, **means,
                   **values, "images_per_s": self.config.optim.batch_size * window.steps / elapsed,
                   "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
         if any(skipped.values()):
             record.update({f"data/skipped_{reason}": count for reason, count in skipped.items()})
         monitor.log(step, record)
+        for warning in self.collapse_watch.check(step, record):
+            monitor.message(warning)
         monitor.progress(window.steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
                                         "img/s": f"{record['images_per_s']:.0f}"})
         window.reset()
+
+    def _health(self, out: dict[str, Any], step: int) -> dict[str, float]:
+        """Numbers that tell a healthy run from a sick one, at a log step (a collective)."""
+        values: dict[str, float] = {}
+        if "embedding" in out:  # over the global batch: the effective rank needs many rows
+            values.update(health.embedding_health(comm.gather_variable(out["embedding"].detach().float())))
+        for index, group in enumerate(self.engine.optimizer.param_groups):
+            name = group.get("name", f"group{index}")
+            values[f"lr/{name}"] = float(group["lr"])
+            values[f"wd/{name}"] = float(group.get("weight_decay", 0.0))
+        if self.method.ema_pairs():
+            values["ema_momentum"] = self.method.ema_momentum(step)
+        values.update(runtime.memory_gib(self.device))
+        return values
 
     def _summary(self, step: int, scores: dict[str, float]) -> str:
         ev = self.config.eval

@@ -48,7 +48,7 @@ class TinyEMA(Method):
         self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
 
-    def forward(self, batch, step):
+    def training_step(self, batch, step):
         views = batch["views"][0]
         online = self.predictor(self.projector(self.backbone(views.flatten(0, 1))))
         with torch.no_grad():

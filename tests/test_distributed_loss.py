@@ -28,7 +28,7 @@ class TinyContrastive(Method):
         torch.manual_seed(0)
         self.backbone = nn.Linear(DIM, 5)
 
-    def forward(self, batch, step):
+    def training_step(self, batch, step):
         view1, view2 = batch["views"]
         z1, z2 = self.backbone(view1), self.backbone(view2)
         return {"loss": losses.nt_xent(z1, z2, temperature=0.2, gather=True)}

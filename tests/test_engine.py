@@ -15,7 +15,7 @@ class Regression(Method):
         torch.manual_seed(0)
         self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
 
-    def forward(self, batch, step):
+    def training_step(self, batch, step):
         return {"loss": ((self.backbone(batch["x"]) - batch["y"]) ** 2).mean()}
 
 

@@ -33,7 +33,7 @@ class IdRecorder(Method):
         super().__init__(config)
         self.backbone = nn.Linear(3, 2)
 
-    def forward(self, batch, step):
+    def training_step(self, batch, step):
         with open(self.config.method.out, "a") as handle:
             handle.write(" ".join(str(i) for i in batch["id"].tolist()) + "\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))  # [V, B, C, S, S] → [B, C]

@@ -25,5 +25,5 @@ class Features(Method):
         super().__init__(config)
         self.backbone = build_backbone(config.model)
 
-    def forward(self, batch, step):
+    def training_step(self, batch, step):
         return {"loss": self.backbone(flat(batch["views"][0])).pow(2).mean()}

@@ -21,13 +21,14 @@ from bigssl.distributed import comm
 
 @dataclass
 class Features:
-    features: torch.Tensor  # [N, D], L2-normalised
+    features: torch.Tensor  # [N, D], L2-normalised unless extracted with l2_normalize=False
     labels: torch.Tensor  # [N]
 
 
 @torch.no_grad()
 def extract(model: nn.Module, shards: ShardSet, views: ViewsConfig, normalize: Callable[[torch.Tensor], torch.Tensor],
-            batch_size: int, workers: int, device: torch.device, timeout_s: float = 0.0) -> Features:
+            batch_size: int, workers: int, device: torch.device, timeout_s: float = 0.0,
+            l2_normalize: bool = True) -> Features:
     """Embed every labelled sample of `shards` once (split over ranks), gathered to all ranks.
     Workers cut uint8 crops; `normalize` turns them into model input on the device."""
     was_training = model.training
@@ -35,7 +36,8 @@ def extract(model: nn.Module, shards: ShardSet, views: ViewsConfig, normalize: C
     feats, labels = [], []
     for batch in eval_batches(shards, views, comm.rank(), comm.world_size(), batch_size, workers, timeout_s):
         images = normalize(batch["image"].to(device, non_blocking=True).float().div_(255))
-        feats.append(F.normalize(model(images).float(), dim=1).cpu())
+        out = model(images).float()
+        feats.append((F.normalize(out, dim=1) if l2_normalize else out).cpu())
         labels.append(batch["label"])
     model.train(was_training)
     local_feats = torch.cat(feats) if feats else torch.zeros(0, 0)

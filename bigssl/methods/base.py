@@ -1,8 +1,17 @@
 """The Method protocol and the registry that maps `method.name` to a plug-in.
 
 A method owns its networks (student, teacher, heads) and its state (queues, banks, centres).
-`forward(batch, step)` returns a dict with a scalar "loss" and any scalars to log. The trainer
-calls nothing else in the hot path, so a new method is one file plus one recipe.
+It implements `training_step(batch, step)`, which returns a dict with
+  "loss"       the scalar to minimise;
+  "features"   (optional) backbone output of the first view, [B, F]: trains the online linear
+               probe when one is attached (`eval.online_probe`);
+  "embedding"  (optional) the projection the loss sees for the first view, [B, D]: the trainer's
+               collapse metrics (std of normalised embeddings, effective rank);
+  "uniform_loss" (optional, 0-dim) the loss value of a collapsed, uniform prediction (ln K for
+               DINO and SwAV): the trainer warns when the loss sits there;
+and any other 0-dim tensors (temperatures, teacher entropy, ...), which are averaged over the
+log window and the ranks and logged under their names. The trainer calls nothing else in the
+hot path, so a new method is one file plus one recipe.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bigssl.config import Config, MethodConfig
@@ -27,12 +37,37 @@ class Method(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.config = config
+        self.online_probe: nn.Linear | None = None
 
     # The trunk whose features are evaluated and exported.
     backbone: nn.Module
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:  # pragma: no cover
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        out = self.training_step(batch, step)
+        if self.online_probe is not None:
+            out.update(self._probe_step(out, batch))
+        return out
+
+    def attach_online_probe(self, classes: int) -> None:
+        """A linear classifier on detached backbone features, trained alongside (solo-learn's
+        online linear evaluation): its loss joins the method's, its gradient stops at the
+        features, so pretraining is unchanged. Attach before the engine wraps the method."""
+        self.online_probe = nn.Linear(int(self.backbone.num_features), classes)
+
+    def _probe_step(self, out: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        if "features" not in out:
+            raise ValueError(f"eval.online_probe: method {self.config.method.name!r} returns no 'features'")
+        labels = batch["label"]
+        logits = self.online_probe(out["features"].detach().float())
+        labelled = labels >= 0  # unlabelled samples (-1) are left out
+        loss = F.cross_entropy(logits, labels, ignore_index=-1) if labelled.any() else logits.sum() * 0
+        correct = (logits.argmax(dim=1) == labels) & labelled
+        accuracy = correct.sum() / labelled.sum().clamp(min=1)
+        return {"loss": out["loss"] + loss, "ssl_loss": out["loss"].detach(), "probe/loss": loss.detach(),
+                "probe/top1": accuracy.detach()}
 
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (queues, schedules); nothing by default."""

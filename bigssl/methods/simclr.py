@@ -35,10 +35,10 @@ class SimCLR(Method):
         self.backbone = build_backbone(config.model)
         self.projector = projector(feature_dim(self.backbone), config.model.projector)
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         # One pass over both views (view-major): BN sees 2B samples, as in the official code.
-        z = self.projector(self.backbone(flat(batch["views"][0])))
-        z1, z2 = z.chunk(2)
+        h = self.backbone(flat(batch["views"][0]))
+        z1, z2 = self.projector(h).chunk(2)
         method: SimCLRConfig = self.config.method  # type: ignore[assignment]
         loss = losses.nt_xent(z1, z2, method.temperature, gather=method.gather)
-        return {"loss": loss}
+        return {"loss": loss, "features": h[: len(z1)], "embedding": z1.detach()}

@@ -1,0 +1,139 @@
+"""`bigssl eval knn|linear RUN_OR_CKPT --train SHARDS --val SHARDS`: score a saved backbone.
+
+The backbone is rebuilt from the run's config.yaml and merged from any engine's checkpoint in
+each process; features are extracted on every rank (each reads its share of the shards) and
+gathered; rank 0 scores them, prints a table and appends the numbers to the run's
+metrics.jsonl and TensorBoard under `eval/`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bigssl import config as config_lib
+from bigssl.checkpoint import PATTERN
+from bigssl.config import Config
+from bigssl.data.shards import resolve
+from bigssl.data.views import Photometric
+from bigssl.distributed import env as env_lib
+from bigssl.errors import UserError
+from bigssl.eval import knn, linear
+from bigssl.eval.export import checkpoint_dir
+from bigssl.models.backbones import build_backbone
+from bigssl.monitor import Monitor
+
+
+@dataclass
+class EvalOptions:
+    train: str
+    val: str
+    k: int = 20
+    temperature: float = 0.07
+    epochs: int | None = None  # linear: the protocol's unless given
+    lr: float | None = None  # linear: base lr (scaled as the protocol scales it)
+    batch_size: int | None = None  # linear
+    standardize: bool = True  # linear: features standardised by the training set's statistics
+    extract_batch: int = 256
+    workers: int = 2
+
+
+@dataclass
+class SavedRun:
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    config: Config
+
+
+def locate(source: Path) -> SavedRun:
+    checkpoint = checkpoint_dir(source)
+    run_dir = source if (source / "checkpoints").is_dir() else checkpoint.parent.parent
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"{source}: no config.yaml in the run directory {run_dir} (needed to rebuild the backbone)")
+    match = PATTERN.match(checkpoint.name)
+    return SavedRun(run_dir, checkpoint, int(match.group(1)) if match else 0, config_lib.load(config_path, []))
+
+
+def load_backbone(saved: SavedRun, device: torch.device) -> nn.Module:
+    from bigssl.distributed.engines.consolidate import backbone_state
+
+    backbone = build_backbone(saved.config.model)
+    try:
+        state = backbone_state(saved.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise UserError(str(err)) from err
+    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{saved.checkpoint}: backbone does not match model.backbone={saved.config.model.backbone} "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return backbone.to(device)
+
+
+def evaluate(kind: str, source: Path, options: EvalOptions) -> dict[str, float]:
+    saved = locate(source)
+    env = env_lib.detect()
+    backend = env_lib.init(env, "auto", saved.config.engine.timeout_s)
+    try:
+        print(f"bigssl: {env_lib.describe(env, backend)}", file=sys.stderr, flush=True)
+        scores = _evaluate(kind, saved, options, env_lib.device_for(env), env.is_main)
+    except BaseException:
+        env_lib.shutdown(clean=False)
+        raise
+    env_lib.shutdown()
+    return scores
+
+
+def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.device,
+              is_main: bool) -> dict[str, float]:
+    config = saved.config
+    backbone = load_backbone(saved, device)
+    views = config.data.views
+    args = (views, Photometric(views).normalize, options.extract_batch, options.workers, device,
+            config.data.timeout_s)
+    train_shards, val_shards = resolve(options.train, "--train"), resolve(options.val, "--val")
+    if kind == "knn":
+        train = knn.extract(backbone, train_shards, *args)
+        val = knn.extract(backbone, val_shards, *args)
+        result = knn.weighted_knn(train, val, options.k, options.temperature)
+        record = {"eval/knn_top1": result["top1"], "eval/knn_top5": result["top5"], "eval/knn_k": options.k,
+                  "eval/knn_temperature": options.temperature}
+        title = f"weighted kNN (k={options.k}, T={options.temperature})"
+    else:
+        train = knn.extract(backbone, train_shards, *args, l2_normalize=False)
+        val = knn.extract(backbone, val_shards, *args, l2_normalize=False)
+        protocol = linear.protocol_for(config.method.name, config.model.backbone)
+        protocol = replace(protocol, **{k: v for k, v in (("epochs", options.epochs), ("lr", options.lr),
+                                                            ("batch_size", options.batch_size)) if v is not None})
+        result = linear.train_probe(train.features, train.labels, val.features, val.labels, protocol,
+                                    seed=config.seed, standardize=options.standardize) if is_main else {}
+        record = {f"eval/linear_{k}": v for k, v in result.items()}
+        title = (f"linear probe ({config.method.name} protocol: {protocol.optimizer}, {protocol.epochs} epochs, "
+                 f"batch {record.get('eval/linear_batch_size', protocol.batch_size)}, "
+                 f"lr {record.get('eval/linear_lr', math.nan):.4g}"
+                 f"{', standardised features' if options.standardize else ''}; {protocol.source or 'default'})")
+    if is_main:
+        _report(saved, title, record, n_train=len(train.labels), n_val=len(val.labels))
+    return record
+
+
+def _report(saved: SavedRun, title: str, record: dict[str, float], n_train: int, n_val: int) -> None:
+    monitor = Monitor(saved.run_dir, is_main=True, total_steps=0, start_step=0, progress=False,
+                      tensorboard=saved.config.log.tensorboard)
+    try:
+        monitor.log(saved.step, record)
+    finally:
+        monitor.close()
+    kind = "linear" if any(k.startswith("eval/linear") for k in record) else "knn"
+    rows = [(name.removeprefix(f"eval/{kind}_"), value) for name, value in record.items()]
+    width = max(len(name) for name, _ in rows)
+    print(f"{saved.checkpoint} (step {saved.step}): {title}")
+    print(f"  train {n_train} samples, val {n_val} samples")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {name:<{width}}  {value}")

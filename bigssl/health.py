@@ -1,0 +1,64 @@
+"""Is the run healthy? Collapse metrics of the embeddings and the warnings built on them.
+
+- std of L2-normalised embeddings, averaged over dimensions (SimSiam §4.1): 1/√d for a
+  well-spread embedding, 0 for a collapsed one;
+- RankMe (Garrido et al. 2023, arXiv 2210.02885): exp of the entropy of the normalised singular
+  values of the embedding matrix, an effective rank between 1 and min(N, d);
+- a loss pinned at the value of a uniform prediction (ln K for DINO and SwAV).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+STD_COLLAPSE_FACTOR = 0.2  # warn below 0.2/√d (a spread embedding sits at 1/√d)
+UNIFORM_LOSS_TOLERANCE = 0.01  # relative distance to ln K that counts as pinned
+PINNED_LOG_STEPS = 3  # consecutive log steps pinned before warning
+
+
+@torch.no_grad()
+def normalized_std(embedding: torch.Tensor) -> float:
+    z = F.normalize(embedding.float(), dim=1)
+    return float(z.std(dim=0).mean())
+
+
+@torch.no_grad()
+def rankme(embedding: torch.Tensor, eps: float = 1e-7) -> float:
+    singular = torch.linalg.svdvals(embedding.float())
+    p = singular / singular.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def embedding_health(embedding: torch.Tensor) -> dict[str, float]:
+    return {"health/embedding_std": normalized_std(embedding), "health/rankme": rankme(embedding),
+            "health/embedding_std_floor": STD_COLLAPSE_FACTOR / math.sqrt(embedding.shape[1])}
+
+
+class CollapseWatch:
+    """Turns health numbers into one warning per episode (not one per log step)."""
+
+    def __init__(self) -> None:
+        self.std_low = False
+        self.pinned_steps = 0
+
+    def check(self, step: int, record: dict[str, float]) -> list[str]:
+        warnings = []
+        std, floor = record.get("health/embedding_std"), record.get("health/embedding_std_floor")
+        if std is not None and floor is not None:
+            low = std < floor
+            if low and not self.std_low:
+                warnings.append(f"bigssl: warning: step {step}: embeddings are collapsing (std of normalised "
+                                f"embeddings {std:.4f} < {floor:.4f} = {STD_COLLAPSE_FACTOR}/sqrt(d))")
+            self.std_low = low
+        uniform, loss = record.get("uniform_loss"), record.get("loss")
+        if uniform is not None and loss is not None:
+            pinned = abs(loss - uniform) <= UNIFORM_LOSS_TOLERANCE * uniform
+            self.pinned_steps = self.pinned_steps + 1 if pinned else 0
+            if self.pinned_steps == PINNED_LOG_STEPS:
+                warnings.append(f"bigssl: warning: step {step}: the loss has stayed at {loss:.4f}, the value of a "
+                                f"uniform prediction (ln K = {uniform:.4f}), for {PINNED_LOG_STEPS} log steps: "
+                                "collapse")
+        return warnings
