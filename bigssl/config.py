@@ -154,6 +154,7 @@ class EvalConfig:
     knn_temperature: float = 0.07
     batch_size: int = 256  # per rank, for feature extraction
     online_probe_classes: int = 0  # > 0: train a linear classifier on detached features alongside
+    projector_samples: int = 512  # validation embeddings dumped for TensorBoard's projector at the end
     online_probe_lr: float = 0.1  # its peak lr (same schedule as the backbone's; no weight decay)
 
 

@@ -66,6 +66,11 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_image(tag, image, step)
 
+    def embedding(self, tag: str, features, labels: list, step: int) -> None:
+        """Vectors with their labels for TensorBoard's projector."""
+        if self.writer is not None:
+            self.writer.add_embedding(features, metadata=labels, tag=tag, global_step=step)
+
     def progress(self, steps: int, postfix: dict[str, str]) -> None:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)

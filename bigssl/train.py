@@ -22,14 +22,14 @@ from bigssl import health, runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
-from bigssl.data.pipeline import SKIP_REASONS, TrainData, skip_vector
+from bigssl.data.pipeline import SKIP_REASONS, TrainData, eval_batches, skip_vector
 from bigssl.data.position import Consumed
 from bigssl.data.shards import resolve
 from bigssl.data.views import view_grid
 from bigssl.distributed import comm
 from bigssl.distributed import env as env_lib
 from bigssl.distributed.engines import build_engine
-from bigssl.eval import knn
+from bigssl.eval import attention, knn
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
 from bigssl.monitor import Monitor
@@ -155,13 +155,39 @@ class Trainer:
         self.progress = p
 
     def _knn(self, model: torch.nn.Module | None = None) -> dict[str, float]:
+        return self._knn_with_features(model)[0]
+
+    def _knn_with_features(self, model: torch.nn.Module | None = None) -> tuple[dict[str, float], knn.Features]:
         ev, data = self.config.eval, self.config.data
         model = model or self.engine.full_module(self.method.backbone)
         args = (data.views, self.data.photometric.normalize, ev.batch_size, data.workers, self.device,
                 data.timeout_s)
         train = knn.extract(model, self.data.shards, *args)
         val = knn.extract(model, self.val_shards, *args)
-        return knn.weighted_knn(train, val, ev.knn_k, ev.knn_temperature)
+        return knn.weighted_knn(train, val, ev.knn_k, ev.knn_temperature), val
+
+    def _evaluate(self, monitor: Monitor, step: int, final: bool) -> dict[str, float]:
+        """kNN (logged), the ViT attention maps of fixed images and, at the end, a labelled
+        embedding dump for TensorBoard's projector. A collective: every rank calls it."""
+        model = self.engine.full_module(self.method.backbone)
+        scores, val = self._knn_with_features(model)
+        monitor.log(step, {"knn/top1": scores["top1"], "knn/top5": scores["top5"]})
+        if self.env.is_main and attention.has_attention_maps(model):
+            images = self._fixed_images()
+            inputs = self.data.photometric.normalize(images.to(self.device).float().div(255))
+            maps = attention.cls_attention(model, inputs)
+            monitor.image("attention/last_block_cls", attention.attention_grid(images.float().div(255), maps), step)
+        if final and self.env.is_main:
+            keep = min(len(val.labels), self.config.eval.projector_samples)
+            monitor.embedding("embeddings/val", val.features[:keep], val.labels[:keep].tolist(), step)
+        return scores
+
+    def _fixed_images(self, count: int = 4) -> torch.Tensor:
+        """The first `count` validation images in their evaluation view (uint8), the same at every evaluation."""
+        if not hasattr(self, "_fixed"):
+            batches = eval_batches(self.val_shards, self.config.data.views, 0, 1, count, 0, self.config.data.timeout_s)
+            self._fixed = next(iter(batches))["image"]
+        return self._fixed
 
     def _baselines(self, monitor: Monitor) -> None:
         """Scores to compare the trained backbone against, taken before the first step."""
@@ -256,8 +282,7 @@ class Trainer:
                 self._save(epoch_skips)
                 last_saved = p.step
             if evaluating and self._knn_due(p.epoch) and p.step < self.last_step:
-                scores = self._knn()
-                monitor.log(p.step, {"knn/top1": scores["top1"], "knn/top5": scores["top5"]})
+                self._evaluate(monitor, p.step, final=False)
 
         monitor.end_progress()
         if p.step != last_saved:
@@ -267,8 +292,7 @@ class Trainer:
             save_backbone(backbone, self.run_dir / "backbone.safetensors")
         final_scores: dict[str, float] = {}
         if evaluating and (config.eval.knn_at_end or (p.epoch_step == 0 and self._knn_due(p.epoch))):
-            final_scores = self._knn()
-            monitor.log(p.step, {"knn/top1": final_scores["top1"], "knn/top5": final_scores["top5"]})
+            final_scores = self._evaluate(monitor, p.step, final=True)
             monitor.message(self._summary(p.step, final_scores))
         skipped = self._skipped_now(epoch_skips)
         if any(skipped.values()):

@@ -41,4 +41,5 @@ class SimCLR(Method):
         z1, z2 = self.projector(h).chunk(2)
         method: SimCLRConfig = self.config.method  # type: ignore[assignment]
         loss = losses.nt_xent(z1, z2, method.temperature, gather=method.gather)
-        return {"loss": loss, "features": h[: len(z1)], "embedding": z1.detach()}
+        return {"loss": loss, "features": h[: len(z1)], "embedding": z1.detach(),
+                "temperature": loss.new_tensor(method.temperature)}

@@ -1,0 +1,151 @@
+"""What a run shows while it trains: health metrics and their collapse warnings, the online
+probe, TensorBoard scalars, view grid, ViT attention maps and projector dump, and a backbone
+file that timm loads."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+from engine_cases import make_config, rank_batch, setup
+from helpers import QUICKSTART, SMALL, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from bigssl import health
+from bigssl.eval import attention, offline
+
+VIT_ARGS = {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2}
+SMALL_HEADS = [o for o in SMALL if not o.startswith("model.backbone_args")]
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory) -> Path:
+    """The quickstart recipe with a tiny ViT in place of its ResNet (a recipe file: overrides
+    merge into backbone_args, they cannot drop the ResNet's `channels`)."""
+    root = tmp_path_factory.mktemp("monitor")
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["model"].update(backbone="vit_tiny_patch16_224", small_stem=False, backbone_args=VIT_ARGS)
+    (root / "vit.yaml").write_text(yaml.safe_dump(recipe))
+    run = root / "run"
+    result = run_cli("train", str(root / "vit.yaml"), *SMALL_HEADS, f"log.dir={run}", "optim.max_steps=4",
+                     "eval.knn_baseline=false", "eval.online_probe_classes=10", "eval.projector_samples=64")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_every_log_step_records_the_health_of_the_run(vit_run: Path):
+    records = [json.loads(line) for line in (vit_run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    peak_lr = yaml.safe_load((vit_run / "config.yaml").read_text())["optim"]["lr"]
+    expected = {"loss", "lr", "grad_norm", "health/embedding_std", "health/rankme", "health/embedding_std_floor",
+                "lr/decay", "wd/decay", "lr/no_decay", "wd/no_decay", "lr/online_probe", "wd/online_probe",
+                "probe/loss", "probe/top1", "temperature", "images_per_s", "data_wait_fraction", "memory/rss_gib"}
+    for record in steps:
+        assert expected <= record.keys(), expected - record.keys()
+        dim = 16  # SMALL's projector.out_dim
+        # mean std ≤ √(mean variance) = 1/√d for unit vectors, × √(n/(n−1)) for the unbiased estimate
+        assert 0 < record["health/embedding_std"] <= math.sqrt(32 / 31 / dim) + 1e-6
+        assert 1 <= record["health/rankme"] <= dim
+        assert record["health/embedding_std_floor"] == pytest.approx(0.2 / math.sqrt(dim))
+        assert record["temperature"] == pytest.approx(0.2)
+        assert record["wd/no_decay"] == 0 and record["wd/online_probe"] == 0
+        # The probe follows the backbone's schedule, scaled to peak at eval.online_probe_lr = 0.1.
+        assert record["lr/online_probe"] == pytest.approx(record["lr/decay"] * 0.1 / peak_lr)
+        assert 0 <= record["probe/top1"] <= 1 and record["probe/loss"] > 0
+        assert 0 <= record["data_wait_fraction"] <= 1 and record["memory/rss_gib"] > 0.1
+    # The loss logged is the method's: the probe's cross-entropy is reported beside it, not in it.
+    assert all(r["loss"] < 2 * math.log(2 * 32) for r in steps)
+
+
+def test_tensorboard_holds_every_scalar_and_image(vit_run: Path):
+    events = EventAccumulator(str(vit_run / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "health/embedding_std", "health/rankme", "lr/decay",
+                "wd/decay", "lr/online_probe", "probe/top1", "probe/loss", "train/temperature",
+                "train/images_per_s", "train/data_wait_fraction", "memory/rss_gib", "knn/top1", "knn/top5"):
+        assert tag in scalars, tag
+    assert [e.step for e in events.Scalars("health/rankme")] == [1, 2, 3, 4]
+    assert {"views/first_batch", "attention/last_block_cls"} <= set(events.Tags()["images"])
+    grid = events.Images("attention/last_block_cls")[-1]
+    # 4 fixed images, one row each: the image and one map per head (2), 28 px tiles, 2 px padding.
+    assert (grid.width, grid.height) == (3 * 28 + 4 * 2, 4 * 28 + 5 * 2)
+    projector = (vit_run / "tb" / "projector_config.pbtxt").read_text()
+    assert "embeddings/val" in projector
+    metadata = next((vit_run / "tb").rglob("metadata.tsv")).read_text().splitlines()
+    assert len(metadata) == 64 and all(0 <= int(label) < 10 for label in metadata)
+
+
+def test_exported_backbone_loads_in_timm_with_the_same_features(vit_run: Path):
+    ours = offline.load_backbone(offline.locate(vit_run), torch.device("cpu")).eval()
+    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, **VIT_ARGS,
+                               pretrained_cfg_overlay={"file": str(vit_run / "backbone.safetensors")}).eval()
+    images = torch.rand(3, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(images), ours(images), atol=1e-6, rtol=0)
+    fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS).eval()
+    with torch.no_grad():
+        assert not torch.allclose(fresh(images), ours(images), atol=1e-3)  # the weights did come from the file
+
+
+def test_cls_attention_equals_the_unfused_softmax():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS).eval()
+    images = torch.rand(2, 3, 28, 28)
+    maps = attention.cls_attention(model, images)
+    block = model.blocks[-1].attn
+    block.fused_attn = False  # timm's plain path materialises softmax(q kᵀ) and passes it to attn_drop
+    seen = []
+    block.attn_drop.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(images)
+    expected = seen[0][:, :, 0, 1:].reshape(2, 2, 4, 4)
+    torch.testing.assert_close(maps, expected, atol=1e-6, rtol=1e-5)
+    assert maps.sum(dim=(2, 3)).max() <= 1 + 1e-6  # the [CLS] token's own weight is left out
+
+
+def test_rankme_and_normalised_std_against_their_definitions():
+    left, right = torch.linalg.qr(torch.randn(64, 3))[0], torch.linalg.qr(torch.randn(16, 3))[0]
+    three_equal = left @ torch.diag(torch.tensor([5.0, 5.0, 5.0])) @ right.T  # singular values 5, 5, 5, 0, ...
+    assert health.rankme(three_equal) == pytest.approx(3.0, rel=1e-4)
+    collapsed = torch.ones(32, 8) + 1e-9 * torch.randn(32, 8)
+    assert health.normalized_std(collapsed) < 1e-6
+    spread = torch.randn(20000, 8)
+    assert health.normalized_std(spread) == pytest.approx(1 / math.sqrt(8), rel=0.05)
+
+
+def test_collapse_warnings_fire_once_per_episode():
+    watch = health.CollapseWatch()
+    healthy = {"health/embedding_std": 0.3, "health/embedding_std_floor": 0.05}
+    sick = {"health/embedding_std": 0.01, "health/embedding_std_floor": 0.05}
+    assert watch.check(1, healthy) == []
+    assert "collapsing" in watch.check(2, sick)[0]
+    assert watch.check(3, sick) == []  # still the same episode
+    assert watch.check(4, healthy) == [] and len(watch.check(5, sick)) == 1
+    ln_k = math.log(65536)
+    pinned = [watch.check(s, {"loss": ln_k * 0.999, "uniform_loss": ln_k}) for s in range(6, 10)]
+    assert [len(w) for w in pinned] == [0, 0, 1, 0] and "ln K" in pinned[2][0]
+
+
+def test_online_probe_trains_without_touching_the_backbones_gradients():
+    def grads(probe: bool):
+        engine = setup(make_config("simclr"), 0, 1)
+        if probe:  # attached after the backbone is built: the same initial weights
+            engine.method.attach_online_probe(10)
+        batch = {**rank_batch(0, 0), "label": torch.tensor([0, 1, 2, -1])}
+        out = engine.method(batch, 0)
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in engine.method.named_parameters() if p.grad is not None}
+
+    plain_out, plain = grads(probe=False)
+    probe_out, with_probe = grads(probe=True)
+    assert probe_out["loss"].item() == pytest.approx(plain_out["loss"].item() + probe_out["probe/loss"].item())
+    assert probe_out["ssl_loss"].item() == pytest.approx(plain_out["loss"].item())
+    for name, grad in plain.items():
+        torch.testing.assert_close(with_probe[name], grad, atol=0, rtol=0)
+    assert with_probe["online_probe.weight"].abs().sum() > 0
