@@ -32,6 +32,19 @@ def rankme(embedding: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+@torch.no_grad()
+def distillation_stats(teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> dict[str, torch.Tensor]:
+    """For DINO and SwAV: the entropy of the teacher's (or the codes') distribution, ln K when
+    uniform and 0 when one-hot (both are collapse), and KL(teacher ‖ student). Rows are samples,
+    columns the K outputs; 0-dim tensors, so a method returns them without a device sync."""
+    p = teacher_probs.float()
+    log_p = p.clamp(min=1e-12).log()
+    log_q = torch.log_softmax(student_logits.float(), dim=-1)
+    entropy = -(p * log_p).sum(dim=-1).mean()
+    kl = (p * (log_p - log_q)).sum(dim=-1).mean()
+    return {"teacher_entropy": entropy, "teacher_student_kl": kl}
+
+
 def embedding_health(embedding: torch.Tensor) -> dict[str, float]:
     return {"health/embedding_std": normalized_std(embedding), "health/rankme": rankme(embedding),
             "health/embedding_std_floor": STD_COLLAPSE_FACTOR / math.sqrt(embedding.shape[1])}

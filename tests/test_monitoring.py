@@ -149,3 +149,29 @@ def test_online_probe_trains_without_touching_the_backbones_gradients():
     for name, grad in plain.items():
         torch.testing.assert_close(with_probe[name], grad, atol=0, rtol=0)
     assert with_probe["online_probe.weight"].abs().sum() > 0
+
+
+def test_distillation_stats_against_their_formulas():
+    teacher = torch.softmax(torch.randn(6, 5), dim=-1)
+    student = torch.randn(6, 5)
+    stats = health.distillation_stats(teacher, student)
+    q = torch.softmax(student, dim=-1)
+    entropy = sum(-sum(p * math.log(p) for p in row.tolist()) for row in teacher) / 6
+    kl = sum(sum(p * math.log(p / s) for p, s in zip(row.tolist(), srow.tolist(), strict=True))
+             for row, srow in zip(teacher, q, strict=True)) / 6
+    assert stats["teacher_entropy"].item() == pytest.approx(entropy, rel=1e-5)
+    assert stats["teacher_student_kl"].item() == pytest.approx(kl, rel=1e-4)
+    uniform = health.distillation_stats(torch.full((2, 8), 1 / 8), torch.zeros(2, 8))
+    assert uniform["teacher_entropy"].item() == pytest.approx(math.log(8))
+    assert uniform["teacher_student_kl"].item() == pytest.approx(0, abs=1e-6)
+
+
+def test_ema_momentum_is_logged_for_methods_with_a_teacher(tmp_path: Path):
+    from bigssl.train import train
+
+    run = tmp_path / "run"
+    train(make_config("test_tiny_ema", "data.train=quickstart:train", "data.views.size=32", "data.views.resize=32",
+                      "data.workers=0", "optim.max_steps=2", "log.every_steps=1", f"log.dir={run}",
+                      "log.tensorboard=false", "log.progress=false", "method.momentum=0.75"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ema_momentum"] for r in records if "loss" in r] == [0.75, 0.75]
