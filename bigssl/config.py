@@ -77,6 +77,8 @@ class ProjectorConfig:
     out_dim: int = 128
     layers: int = 2  # linear layers; SimCLR v1 uses 2, v2 uses 3
     batch_norm: bool = True  # BN after every layer, as in SimCLR's official code
+    last_batch_norm: bool | None = None  # BN on the output too; None = as batch_norm (BYOL: false)
+    last_affine: bool = True  # the output BN's scale and shift (SimSiam, MoCo v3: false)
 
 
 @dataclass
@@ -109,6 +111,7 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     exclude_bias_norm: bool = True  # no weight decay and no LARS adaptation on biases and norms
+    no_decay_lr_scale: float = 1.0  # lr of biases and norms relative to the weights' (Barlow Twins: 0.024)
     momentum: float = 0.9
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])

@@ -14,26 +14,33 @@ from bigssl.config import OptimConfig
 PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (Method.attach_online_probe)
 
 
-def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1) -> list[dict]:
-    """Named groups: "decay", "no_decay" (biases and norms) and "online_probe", which follows the
-    same schedule scaled to peak at `probe_lr`, with no weight decay and no LARS adaptation."""
-    decay, no_decay, probe = [], [], []
+def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
+                 rules: dict[str, dict] | None = None) -> list[dict]:
+    """Named groups: "decay" and "no_decay" (biases and norms: no weight decay, no LARS
+    adaptation); for each of the method's `rules` (parameter-name prefix → group options such as
+    fixed_lr, frozen_steps, lr_scale) the same split under "<prefix>:decay"/"<prefix>:no_decay";
+    and "online_probe", which follows the schedule scaled to peak at `probe_lr`, with no weight
+    decay and no LARS adaptation. Groups with weight decay carry scheduled_wd (a method's
+    weight-decay schedule applies to them)."""
+    probe_scale = probe_lr / config.lr if config.lr > 0 else 1.0
+    rules = {PROBE_PREFIX: {"lr_scale": probe_scale, "no_decay_only": True}, **(rules or {})}
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name.startswith(PROBE_PREFIX):
-            probe.append(param)
-        else:
-            (no_decay if config.exclude_bias_norm and param.ndim <= 1 else decay).append(param)
-    groups = [{"name": "decay", "params": decay, "weight_decay": config.weight_decay, "lars_adapt": True,
-               "lr_scale": 1.0}]
-    if no_decay:
-        groups.append({"name": "no_decay", "params": no_decay, "weight_decay": 0.0, "lars_adapt": False,
-                       "lr_scale": 1.0})
-    if probe:
-        groups.append({"name": "online_probe", "params": probe, "weight_decay": 0.0, "lars_adapt": False,
-                       "lr_scale": probe_lr / config.lr})
-    return groups
+        prefix = next((p for p in rules if name.startswith(p)), "")
+        plain = (config.exclude_bias_norm and param.ndim <= 1) or rules.get(prefix, {}).get("no_decay_only", False)
+        buckets.setdefault((prefix, not plain), []).append(param)
+    groups = []
+    for (prefix, decays), params in buckets.items():
+        options = {k: v for k, v in rules.get(prefix, {}).items() if k != "no_decay_only"}
+        label = "decay" if decays else "no_decay"
+        name = "online_probe" if prefix == PROBE_PREFIX else (f"{prefix.rstrip('.')}:{label}" if prefix else label)
+        groups.append({"name": name, "params": params, "weight_decay": config.weight_decay if decays else 0.0,
+                       "lars_adapt": decays, "lr_scale": 1.0 if decays else config.no_decay_lr_scale,
+                       "scheduled_wd": decays, **options})
+    order = {"decay": 0, "no_decay": 1}
+    return sorted(groups, key=lambda g: (order.get(g["name"], 2), g["name"]))
 
 
 class LARS(torch.optim.Optimizer):
@@ -74,8 +81,9 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1) -> torch.optim.Optimizer:
-    groups = param_groups(model, config, probe_lr)
+def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
+                    rules: dict[str, dict] | None = None) -> torch.optim.Optimizer:
+    groups = param_groups(model, config, probe_lr, rules)
     if config.name == "lars":
         return LARS(groups, lr=config.lr, momentum=config.momentum, eta=config.lars_eta)
     if config.name == "sgd":

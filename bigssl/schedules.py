@@ -26,3 +26,17 @@ class WarmupCosine:
         decay_steps = max(1, self.total_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.final + 0.5 * (self.peak - self.final) * (1 + math.cos(math.pi * progress))
+
+
+def cosine_to(start: float, end: float, step: int, total_steps: int) -> float:
+    """Half-cosine from `start` at step 0 to `end` at `total_steps` (EMA momentum 0.996 → 1,
+    DINO's weight decay 0.04 → 0.4)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return end - (end - start) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear_warmup(start: float, end: float, step: int, warmup_steps: int) -> float:
+    """Linear from `start` to `end` over `warmup_steps`, then `end` (DINO's teacher temperature)."""
+    if step >= warmup_steps:
+        return end
+    return start + (end - start) * step / warmup_steps

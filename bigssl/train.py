@@ -98,11 +98,13 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.method = build_method(config)
+        self.method.configure_schedule(self.steps_per_epoch, self.total_steps)
         if config.eval.online_probe_classes:
             self.method.attach_online_probe(config.eval.online_probe_classes)
         self.engine = build_engine(config, self.env, self.device)
         probe_lr = config.eval.online_probe_lr
-        self.engine.setup(self.method, lambda module: build_optimizer(module, config.optim, probe_lr))
+        rules = self.method.param_rules()
+        self.engine.setup(self.method, lambda module: build_optimizer(module, config.optim, probe_lr, rules))
         self.lr = WarmupCosine(peak=config.optim.lr, total_steps=self.total_steps,
                                warmup_steps=round(config.optim.warmup_epochs * self.steps_per_epoch),
                                final=config.optim.min_lr)
@@ -121,9 +123,13 @@ class Trainer:
         return {**batch, "views": views, "label": batch["label"].to(self.device, non_blocking=True)}
 
     def _set_lr(self, step: int) -> float:
-        lr = self.lr(step)
+        """The scheduled lr (and the method's weight decay, if it schedules one) into every group."""
+        lr, weight_decay = self.lr(step), self.method.weight_decay_at(step)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+            base = self.config.optim.lr if group.get("fixed_lr") else lr
+            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else base * group.get("lr_scale", 1.0)
+            if weight_decay is not None and group.get("scheduled_wd"):
+                group["weight_decay"] = weight_decay
         return lr
 
     def _skipped_now(self, loader_skipped: dict[str, int]) -> dict[str, int]:

@@ -84,7 +84,7 @@ def setup(config: Config, rank: int, world_size: int):
     torch.manual_seed(0)
     method = build(config)
     engine = build_engine(config, env, torch.device("cpu"))
-    engine.setup(method, lambda module: build_optimizer(module, config.optim))
+    engine.setup(method, lambda module: build_optimizer(module, config.optim, rules=method.param_rules()))
     return engine
 
 

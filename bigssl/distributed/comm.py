@@ -77,6 +77,33 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return out / world_size()
 
 
+def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, differentiably: backward sums the incoming gradient over ranks too. When
+    every rank computes the same loss from the sum (Barlow Twins' cross-correlation, global batch
+    statistics), each rank's gradient is W × the single-process one for its samples, and the
+    engine's average over ranks brings it back to exactly the single-process gradient."""
+    if not is_distributed():
+        return x
+    return dist_fn.all_reduce(x)
+
+
+def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks with no gradient (Sinkhorn marginals, centres, statistics)."""
+    if not is_distributed():
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out)
+    return out
+
+
+def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return x.detach()
+    out = x.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_reduce_sum_cpu(x: torch.Tensor) -> torch.Tensor:
     """Sum of a small CPU tensor over ranks (counters); no gradient."""
     if not is_distributed():

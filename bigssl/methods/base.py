@@ -72,6 +72,24 @@ class Method(nn.Module):
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (queues, schedules); nothing by default."""
 
+    # Schedules are functions of the optimizer step; the trainer says how long training is.
+    steps_per_epoch: int = 1
+    total_steps: int = 1
+
+    def configure_schedule(self, steps_per_epoch: int, total_steps: int) -> None:
+        """Called by the trainer before the optimizer is built."""
+        self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
+
+    def param_rules(self) -> dict[str, dict]:
+        """Parameter-name prefix → options for that parameter group: `fixed_lr` (stay at the peak
+        lr, no schedule), `frozen_steps` (lr 0 until this step), `lr_scale`. Engine-agnostic:
+        nothing touches gradients, so it holds under ZeRO and FSDP too."""
+        return {}
+
+    def weight_decay_at(self, step: int) -> float | None:
+        """The weight decay of the decaying groups at `step`, or None for the optimizer's constant."""
+        return None
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) modules of identical structure; after each optimizer step the
         engine moves every teacher parameter towards its student's by `ema_momentum(step)`, on

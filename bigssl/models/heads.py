@@ -8,7 +8,7 @@ from bigssl.config import ProjectorConfig
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool,
-        last_batch_norm: bool | None = None) -> nn.Sequential:
+        last_batch_norm: bool | None = None, last_affine: bool = True) -> nn.Sequential:
     """Linear → (BN) → ReLU, repeated, then a final Linear (→ BN when `last_batch_norm`).
 
     SimCLR's official heads put BN on every layer, the output included, and drop the biases
@@ -27,9 +27,10 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: boo
         dim = hidden_dim
     modules.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
     if last_batch_norm:
-        modules.append(nn.BatchNorm1d(out_dim))
+        modules.append(nn.BatchNorm1d(out_dim, affine=last_affine))
     return nn.Sequential(*modules)
 
 
 def projector(in_dim: int, config: ProjectorConfig) -> nn.Sequential:
-    return mlp(in_dim, config.hidden_dim, config.out_dim, config.layers, config.batch_norm)
+    return mlp(in_dim, config.hidden_dim, config.out_dim, config.layers, config.batch_norm,
+               config.last_batch_norm, config.last_affine)

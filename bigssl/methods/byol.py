@@ -1,0 +1,59 @@
+"""BYOL (Grill et al. 2020, arXiv 2006.07733).
+
+An online network (backbone → projector → predictor) predicts, for each view, the projection a
+slowly moving EMA target network makes of the other view: ‖p̄ − z̄′‖² = 2 − 2cos, symmetrised.
+No negatives; the predictor and the EMA target (τ 0.996 → 1, cosine over training) prevent
+collapse. Each view goes through the networks on its own, so BN statistics are per view, as in
+the official code.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from bigssl import losses
+from bigssl.config import Config, MethodConfig
+from bigssl.methods.base import Batch, Method, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import mlp, projector
+from bigssl.schedules import cosine_to
+
+
+@dataclass
+class BYOLConfig(MethodConfig):
+    name: str = "byol"
+    momentum: float = 0.996  # target EMA at step 0, cosine to 1 at the end (BYOL §3.2)
+    predictor_hidden_dim: int = 4096  # predictor 256 → 4096 → 256, BN + ReLU inside
+
+
+@register("byol")
+class BYOL(Method):
+    config_class = BYOLConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        method: BYOLConfig = config.method  # type: ignore[assignment]
+        self.backbone = build_backbone(config.model)
+        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+        out = config.model.projector.out_dim
+        self.predictor = mlp(out, method.predictor_hidden_dim, out, layers=2, batch_norm=True, last_batch_norm=False)
+        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
+        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        views = batch["views"][0]  # [2, B, C, H, W]
+        features = [self.backbone(views[v]) for v in range(2)]
+        predictions = [self.predictor(self.projector(h)) for h in features]
+        with torch.no_grad():
+            targets = [self.target_projector(self.target_backbone(views[v])) for v in range(2)]
+        loss = losses.normalized_mse(predictions[0], targets[1]) + losses.normalized_mse(predictions[1], targets[0])
+        return {"loss": loss, "features": features[0], "embedding": targets[0]}
+
+    def ema_pairs(self):
+        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
+
+    def ema_momentum(self, step: int) -> float:
+        return cosine_to(self.config.method.momentum, 1.0, step, self.total_steps)

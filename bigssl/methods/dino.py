@@ -1,0 +1,142 @@
+"""DINO (Caron et al. 2021, arXiv 2104.14294).
+
+Self-distillation without labels: a student sees every crop (2 global + N local), an EMA
+teacher (0.996 → 1, cosine) sees the global crops, and the student's softmax(·/0.1) is pulled
+to the teacher's centred, sharpened softmax((· − c)/τ_t) for every pair of different crops
+(`bigssl.losses.dino_loss`, which sums over teacher views first). The centre c follows the
+all-reduced batch mean of the teacher's outputs (momentum 0.9); τ_t warms up 0.04 → 0.07 over
+30 epochs; weight decay follows a cosine 0.04 → 0.4; the head's weight-normalised last layer
+is frozen for the first epoch. Every schedule is a function of the step and is logged.
+
+Head: MLP (2048, GELU, no BN) → 256-d bottleneck → L2-normalise → weight-normalised linear to
+K = 65536 outputs without bias; with `norm_last_layer` its scale is fixed at 1 (cosine-like
+prototypes). The teacher is built without drop-path (the student's regulariser).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigssl import health, losses
+from bigssl.config import Config, MethodConfig
+from bigssl.data.views import flat
+from bigssl.distributed import comm
+from bigssl.methods.base import Batch, Method, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.schedules import cosine_to, linear_warmup
+
+
+@dataclass
+class DINOConfig(MethodConfig):
+    name: str = "dino"
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    norm_last_layer: bool = True
+    freeze_last_layer_epochs: float = 1.0
+    momentum: float = 0.996  # teacher EMA at step 0, cosine to 1
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04  # at step 0
+    teacher_temp_final: float = 0.07  # after the warm-up (the paper's models)
+    teacher_temp_warmup_epochs: float = 30.0
+    center_momentum: float = 0.9
+    weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04)
+
+
+class WeightNormLinear(nn.Module):
+    """y = x · (g · v/‖v‖)ᵀ per output row, no bias; g fixed at 1 unless `learn_scale`."""
+
+    def __init__(self, in_dim: int, out_dim: int, learn_scale: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        self.scale = nn.Parameter(torch.ones(out_dim, 1)) if learn_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = F.normalize(self.weight, dim=1)
+        return x @ (weight if self.scale is None else weight * self.scale).T
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, config: DINOConfig) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, config.hidden_dim), nn.GELU(),
+                                 nn.Linear(config.hidden_dim, config.hidden_dim), nn.GELU(),
+                                 nn.Linear(config.hidden_dim, config.bottleneck_dim))
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02)
+                nn.init.zeros_(layer.bias)
+        self.last_layer = WeightNormLinear(config.bottleneck_dim, config.out_dim, not config.norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+@register("dino")
+class DINO(Method):
+    config_class = DINOConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        method: DINOConfig = config.method  # type: ignore[assignment]
+        self.backbone = build_backbone(config.model)
+        self.head = DINOHead(feature_dim(self.backbone), method)
+        teacher_model = copy.deepcopy(config.model)
+        teacher_model.backbone_args = {k: v for k, v in config.model.backbone_args.items()
+                                       if k not in ("drop_path_rate", "drop_rate")}
+        self.teacher_backbone = build_backbone(teacher_model).requires_grad_(False)
+        self.teacher_backbone.load_state_dict(self.backbone.state_dict())
+        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, method.out_dim))
+
+    def teacher_temperature(self, step: int) -> float:
+        m: DINOConfig = self.config.method  # type: ignore[assignment]
+        return linear_warmup(m.teacher_temp, m.teacher_temp_final, step,
+                             round(m.teacher_temp_warmup_epochs * self.steps_per_epoch))
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        method: DINOConfig = self.config.method  # type: ignore[assignment]
+        groups = batch["views"]
+        batch_size = groups[0].shape[1]
+        features = [self.backbone(flat(group)) for group in groups]
+        student = self.head(torch.cat(features)).view(-1, batch_size, method.out_dim)  # [n_s, B, K]
+        with torch.no_grad():
+            teacher = self.teacher_head(self.teacher_backbone(flat(groups[0]))).view(-1, batch_size, method.out_dim)
+        teacher_temp = self.teacher_temperature(step)
+        loss = losses.dino_loss(student, teacher, self.center, method.student_temp, teacher_temp)
+        with torch.no_grad():
+            teacher_probs = torch.softmax((teacher[0].float() - self.center) / teacher_temp, dim=-1)
+            stats = health.distillation_stats(teacher_probs, student[1].detach() / method.student_temp)
+            self._update_center(teacher)
+        # Collapse is watched on the backbone's features (the K-dim head output is a distribution).
+        return {"loss": loss, "features": features[0][:batch_size], "embedding": features[0][:batch_size].detach(),
+                "teacher_temp": loss.new_tensor(teacher_temp),
+                "uniform_loss": loss.new_tensor(math.log(method.out_dim)), **stats}
+
+    @torch.no_grad()
+    def _update_center(self, teacher: torch.Tensor) -> None:
+        """c ← m·c + (1 − m)·mean of the teacher outputs over the global batch (all-reduced)."""
+        momentum = self.config.method.center_momentum
+        rows = teacher.shape[0] * teacher.shape[1]
+        total = comm.all_reduce_sum_no_grad(teacher.float().sum(dim=(0, 1)))
+        self.center.mul_(momentum).add_(total / (rows * comm.world_size()), alpha=1 - momentum)
+
+    def ema_pairs(self):
+        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
+
+    def ema_momentum(self, step: int) -> float:
+        return cosine_to(self.config.method.momentum, 1.0, step, self.total_steps)
+
+    def weight_decay_at(self, step: int) -> float:
+        return cosine_to(self.config.optim.weight_decay, self.config.method.weight_decay_end, step, self.total_steps)
+
+    def param_rules(self) -> dict[str, dict]:
+        frozen = round(self.config.method.freeze_last_layer_epochs * self.steps_per_epoch)
+        return {"head.last_layer.": {"frozen_steps": frozen}}

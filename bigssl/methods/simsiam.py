@@ -1,0 +1,51 @@
+"""SimSiam (Chen & He 2020, arXiv 2011.10566).
+
+One network, two views: the predictor's output for each view is pulled towards the other view's
+projection under a stop-gradient, D(p, sg(z)) = −cos, symmetrised and halved. The predictor is
+a bottleneck (2048 → 512 → 2048) with no BN on its output and keeps a fixed learning rate (the
+paper's §4.2: a decaying predictor lr hurts); the projector ends in BN without affine
+parameters, as in the official code. `engine.sync_bn: true` gives the paper's SyncBN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bigssl import losses
+from bigssl.config import Config, MethodConfig
+from bigssl.methods.base import Batch, Method, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import mlp, projector
+
+
+@dataclass
+class SimSiamConfig(MethodConfig):
+    name: str = "simsiam"
+    predictor_hidden_dim: int = 512
+    fixed_predictor_lr: bool = True
+
+
+@register("simsiam")
+class SimSiam(Method):
+    config_class = SimSiamConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        method: SimSiamConfig = config.method  # type: ignore[assignment]
+        self.backbone = build_backbone(config.model)
+        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+        out = config.model.projector.out_dim
+        self.predictor = mlp(out, method.predictor_hidden_dim, out, layers=2, batch_norm=True, last_batch_norm=False)
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        views = batch["views"][0]
+        features = [self.backbone(views[v]) for v in range(2)]
+        z = [self.projector(h) for h in features]
+        p = [self.predictor(x) for x in z]
+        loss = 0.5 * (losses.negative_cosine(p[0], z[1].detach()) + losses.negative_cosine(p[1], z[0].detach()))
+        return {"loss": loss, "features": features[0], "embedding": z[0].detach()}
+
+    def param_rules(self) -> dict[str, dict]:
+        return {"predictor.": {"fixed_lr": True}} if self.config.method.fixed_predictor_lr else {}

@@ -1,0 +1,97 @@
+"""SwAV (Caron et al. 2020, arXiv 2006.09882).
+
+Crops are scored against K learnable prototypes (unit vectors, 3000 on ImageNet); the codes of
+each global crop, from a distributed Sinkhorn over the global batch (ε 0.05, 3 iterations, no
+gradient), are predicted from every other crop: swapped prediction with multi-crop. The
+prototypes are normalised in the forward (the official code renormalises their storage before
+each step; normalising where they are used also holds when an engine shards them) and frozen
+for the first epoch. A queue of past global-crop embeddings (per rank, `queue_length` over all
+ranks) joins the Sinkhorn from `queue_start_epoch`, for small batches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bigssl import health, losses
+from bigssl.config import Config, MethodConfig
+from bigssl.data.views import flat
+from bigssl.distributed import comm
+from bigssl.errors import ConfigError
+from bigssl.methods.base import Batch, Method, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import projector
+
+
+@dataclass
+class SwAVConfig(MethodConfig):
+    name: str = "swav"
+    prototypes: int = 3000
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    freeze_prototypes_epochs: float = 1.0
+    queue_length: int = 0  # over all ranks; 0 = no queue (the bs-256 recipe: 3840)
+    queue_start_epoch: int = 15
+
+
+@register("swav")
+class SwAV(Method):
+    config_class = SwAVConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        method: SwAVConfig = config.method  # type: ignore[assignment]
+        self.backbone = build_backbone(config.model)
+        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+        dim = config.model.projector.out_dim
+        self.prototypes = nn.Linear(dim, method.prototypes, bias=False)
+        # Past embeddings of the 2 global crops, this rank's own; rows of zeros are "not filled
+        # yet". A plain tensor, not a buffer: DDP would overwrite every rank's with rank 0's. Like
+        # the official code's, it is not in the checkpoint: a resumed run refills it.
+        self.queue = torch.zeros(2, method.queue_length // comm.world_size(), dim)
+
+    def param_rules(self) -> dict[str, dict]:
+        frozen = round(self.config.method.freeze_prototypes_epochs * self.steps_per_epoch)
+        return {"prototypes.": {"frozen_steps": frozen}}
+
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        weight = self.prototypes.weight
+        return z @ (weight / weight.norm(dim=1, keepdim=True).detach()).T
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        method: SwAVConfig = self.config.method  # type: ignore[assignment]
+        groups = batch["views"]
+        batch_size = groups[0].shape[1]
+        features = [self.backbone(flat(group)) for group in groups]
+        z = F.normalize(self.projector(torch.cat(features)), dim=1)
+        scores = self._scores(z).view(-1, batch_size, method.prototypes)  # [V, B, K], globals first
+        with torch.no_grad():
+            codes = torch.stack([self._codes(scores[i], z[i * batch_size : (i + 1) * batch_size], i, step)
+                                 for i in range(2)])
+        loss = losses.swav_loss(scores, codes, method.temperature)
+        stats = health.distillation_stats(codes[0], scores[1].detach() / method.temperature)
+        return {"loss": loss, "features": features[0][:batch_size], "embedding": z[:batch_size].detach(),
+                "uniform_loss": loss.new_tensor(math.log(method.prototypes)), **stats}
+
+    def _codes(self, scores: torch.Tensor, z: torch.Tensor, crop: int, step: int) -> torch.Tensor:
+        """Sinkhorn codes of one global crop; the queue (once started and full) joins the batch."""
+        method: SwAVConfig = self.config.method  # type: ignore[assignment]
+        if self.queue.device != z.device:
+            self.queue = self.queue.to(z.device)
+        queue = self.queue[crop]
+        queuing = len(queue) > 0 and step >= method.queue_start_epoch * self.steps_per_epoch
+        if queuing and len(queue) % len(z):
+            raise ConfigError(f"method.queue_length: {len(queue)} per rank is not a multiple of the per-rank "
+                              f"batch {len(z)}")
+        if queuing and bool(queue[-1].any()):  # full: the last row has been written
+            scores = torch.cat([self._scores(queue), scores])
+        codes = losses.sinkhorn(scores, method.epsilon, method.sinkhorn_iterations)[-len(z):]
+        if queuing:
+            self.queue[crop] = torch.cat([z.detach(), queue[: -len(z)]])
+        return codes

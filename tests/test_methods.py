@@ -1,0 +1,185 @@
+"""Each method plugs into the engine and trains a step; its schedules hit their start and end
+values; its method-specific mechanics (stop-gradients, frozen parts, centres, codes) hold."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from engine_cases import BATCH, make_config, setup
+from helpers import QUICKSTART, SMALL
+
+from bigssl import config as config_lib
+from bigssl.methods.dino import DINO
+from bigssl.train import train
+
+MULTI_CROP = {"swav": ["method.prototypes=24"], "dino": ["method.out_dim=64", "method.hidden_dim=32",
+                                                          "method.bottleneck_dim=16"]}
+EXTRA = {"mocov3": ["method.predictor_hidden_dim=32"], "byol": ["method.predictor_hidden_dim=32"],
+         "simsiam": ["method.predictor_hidden_dim=8"], "barlow": []}
+
+
+def batch_for(method: str, step: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(step)
+    groups = [torch.rand((2, BATCH, 3, 32, 32), generator=generator)]
+    if method in MULTI_CROP:
+        groups.append(torch.rand((3, BATCH, 3, 16, 16), generator=generator))
+    return {"views": groups, "label": torch.arange(BATCH) % 3}
+
+
+def engine_for(method: str, *extra: str):
+    keys = [*MULTI_CROP.get(method, EXTRA.get(method, [])), "model.backbone_args.dynamic_img_size=true", *extra]
+    engine = setup(make_config(method, *keys), 0, 1)
+    return engine
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "barlow", "mocov3", "swav", "dino"])
+def test_method_trains_a_step_and_reports_its_numbers(method: str):
+    engine = engine_for(method)
+    before = {n: p.detach().clone() for n, p in engine.method.backbone.named_parameters() if p.requires_grad}
+    out = engine.forward(batch_for(method), 0)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert out["features"].shape[0] == BATCH and out["embedding"].shape[0] == BATCH
+    engine.backward(out["loss"])
+    engine.step()
+    moved = [n for n, p in engine.method.backbone.named_parameters() if p.requires_grad and
+             not torch.equal(p.detach(), before[n])]
+    assert moved, "the backbone did not learn"
+    if method in ("swav", "dino"):
+        assert math.log(out["uniform_loss"].exp().item()) == pytest.approx(out["uniform_loss"].item())
+        assert 0 <= out["teacher_entropy"].item() <= out["uniform_loss"].item() + 1e-4
+        assert out["teacher_student_kl"].item() >= -1e-5
+
+
+@pytest.mark.parametrize("method,start", [("byol", 0.996), ("mocov3", 0.99), ("dino", 0.996)])
+def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float):
+    engine = engine_for(method)
+    engine.method.configure_schedule(steps_per_epoch=10, total_steps=100)
+    momentum = engine.method.ema_momentum
+    assert momentum(0) == pytest.approx(start) and momentum(100) == pytest.approx(1.0)
+    assert momentum(50) == pytest.approx((start + 1) / 2)
+
+
+def test_dino_schedules_hit_their_start_and_end_values():
+    engine = engine_for("dino", "optim.weight_decay=0.04")
+    method: DINO = engine.method
+    method.configure_schedule(steps_per_epoch=10, total_steps=1000)
+    assert method.teacher_temperature(0) == pytest.approx(0.04)
+    assert method.teacher_temperature(150) == pytest.approx(0.055)  # halfway through 30 epochs
+    assert method.teacher_temperature(300) == pytest.approx(0.07) == method.teacher_temperature(999)
+    assert method.weight_decay_at(0) == pytest.approx(0.04) and method.weight_decay_at(1000) == pytest.approx(0.4)
+    assert method.param_rules() == {"head.last_layer.": {"frozen_steps": 10}}
+
+
+def test_dino_centre_is_the_momentum_mean_of_teacher_outputs():
+    engine = engine_for("dino")
+    method = engine.method
+    batch = batch_for("dino")
+    with torch.no_grad():
+        teacher = method.teacher_head(method.teacher_backbone(batch["views"][0].flatten(0, 1)))
+    method(batch, 0)
+    torch.testing.assert_close(method.center, 0.1 * teacher.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+def test_simsiam_stops_the_gradient_at_the_target_projection():
+    engine = engine_for("simsiam")
+    method = engine.method
+    batch = batch_for("simsiam")
+    views = batch["views"][0]
+    z = [method.projector(method.backbone(views[v])) for v in range(2)]
+    p = [method.predictor(x) for x in z]
+    loss = 0.5 * (-torch.nn.functional.cosine_similarity(p[0], z[1].detach()).mean()
+                  - torch.nn.functional.cosine_similarity(p[1], z[0].detach()).mean())
+    expected = torch.autograd.grad(loss, list(method.projector.parameters()))
+    got = torch.autograd.grad(method(batch, 0)["loss"], list(method.projector.parameters()))
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert engine.optimizer.param_groups[-1]["name"].startswith("predictor")
+    assert all(g.get("fixed_lr") for g in engine.optimizer.param_groups if g["name"].startswith("predictor"))
+
+
+def test_mocov3_vit_has_a_frozen_random_patch_projection_and_sincos_positions():
+    method = engine_for("mocov3").method
+    assert not method.backbone.patch_embed.proj.weight.requires_grad
+    assert not method.backbone.pos_embed.requires_grad
+    table = method.backbone.pos_embed[0, 1:]
+    assert table.abs().max() <= 1.0 and table[0].abs().sum() > 0  # sin/cos values, not the random init
+    assert all(not p.requires_grad for p in method.momentum_backbone.parameters())
+
+
+def test_swav_codes_are_distributions_and_prototypes_start_frozen():
+    engine = engine_for("swav")
+    method = engine.method
+    method.configure_schedule(steps_per_epoch=7, total_steps=70)
+    assert method.param_rules() == {"prototypes.": {"frozen_steps": 7}}
+    scores = torch.randn(BATCH, 24)
+    codes = method._codes(scores, torch.randn(BATCH, 16), 0, 0)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(BATCH))
+
+
+def test_trainer_applies_frozen_groups_fixed_lr_and_the_weight_decay_schedule(tmp_path: Path):
+    """DINO through the real trainer (multi-crop views, 2 steps per epoch): the last layer's lr is
+    0 during the first epoch, weight decay follows DINO's cosine, every number is logged."""
+    run = tmp_path / "run"
+    recipe = yaml.safe_load(QUICKSTART.read_text())
+    recipe["method"] = {"name": "dino", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
+    (tmp_path / "dino.yaml").write_text(yaml.safe_dump(recipe))
+    config = config_lib.load(tmp_path / "dino.yaml", [*SMALL, "data.views.policy=dino",
+                                          "data.views.local_crops=2", "data.samples_per_epoch=64",
+                                          "optim.epochs=2", "optim.weight_decay=0.04", "log.tensorboard=false",
+                                          "log.progress=false", "eval.knn_baseline=false", f"log.dir={run}",
+                                          "eval.knn_at_end=false", "data.workers=0"])
+    train(config)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    frozen = [r["lr/head.last_layer:decay"] for r in steps]  # the lr set for step 0, 1, 2, 3
+    assert frozen[0] == frozen[1] == 0 and frozen[2] > 0
+    assert [r["wd/decay"] for r in steps] == pytest.approx(
+        [0.4 - 0.36 * 0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)])
+    for record in steps:
+        assert {"teacher_temp", "teacher_entropy", "teacher_student_kl", "uniform_loss", "ema_momentum"} <= set(record)
+        assert record["uniform_loss"] == pytest.approx(math.log(64))
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_recipe_resolves_and_builds_its_method(recipe: Path):
+    from bigssl.methods import build
+
+    config = config_lib.load(recipe, [])
+    assert config.method.name in recipe.stem
+    method = build(config)
+    assert sum(p.numel() for p in method.backbone.parameters()) > 0
+    if recipe.parent.name == "imagenet":
+        assert "Target:" in recipe.read_text() and "Sources:" in recipe.read_text()
+
+
+def _dino_centre_worker(rank: int, world_size: int, out: Path) -> None:
+    from bigssl.distributed import comm
+
+    assert comm.world_size() == world_size == 2
+    method = engine_for("dino").method
+    full = batch_for("dino")
+    half = {"views": [g[:, rank * BATCH // 2 : (rank + 1) * BATCH // 2] for g in full["views"]],
+            "label": full["label"][rank * BATCH // 2 : (rank + 1) * BATCH // 2]}
+    method(half, 0)
+    torch.save(method.center.clone(), out / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_dino_centre_on_two_ranks_equals_one_process(tmp_path: Path):
+    from helpers import run_distributed
+
+    run_distributed(_dino_centre_worker, 2, tmp_path)
+    method = engine_for("dino").method
+    method(batch_for("dino"), 0)
+    for rank in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), method.center,
+                                   atol=1e-7, rtol=1e-5)
