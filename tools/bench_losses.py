@@ -61,12 +61,22 @@ def run_once(name: str, student, teacher, center) -> tuple[float, float, torch.T
     return time.perf_counter() - start, loss.item(), student.grad
 
 
+def _high_water_bytes() -> int:
+    """This process's peak resident set. From /proc (VmHWM): getrusage's ru_maxrss survives exec,
+    so a freshly spawned child would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_growth(name: str, views: int, batch: int, prototypes: int, queue) -> None:
     torch.set_num_threads(1)
     student, teacher, center = inputs(views, batch, prototypes)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _high_water_bytes()
     run_once(name, student, teacher, center)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    queue.put(_high_water_bytes() - before)
 
 
 def peak_bytes(name: str, views: int, batch: int, prototypes: int) -> int:
@@ -89,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     views = 2 + args.local_crops
+    memory = {name: peak_bytes(name, views, args.batch, args.prototypes) for name in VARIANTS}
     student, teacher, center = inputs(views, args.batch, args.prototypes)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     results = {}
@@ -99,7 +110,6 @@ def main() -> None:
             results[name] = (value, grad.clone())
     difference = abs(results["fused"][0] - results["pairwise"][0])
     grad_difference = float((results["fused"][1] - results["pairwise"][1]).abs().max())
-    memory = {name: peak_bytes(name, views, args.batch, args.prototypes) for name in VARIANTS}
     report = {
         "views": views, "batch": args.batch, "prototypes": args.prototypes,
         **{f"dino_loss_{name}_seconds": statistics.median(t) for name, t in times.items()},
