@@ -177,6 +177,11 @@ def swav_loss(scores: torch.Tensor, codes: torch.Tensor, temperature: float = 0.
     return total / coded
 
 
+def _view_weights(teacher_probs: torch.Tensor, teacher_sum: torch.Tensor, view: int) -> torch.Tensor:
+    """Σ of the teacher distributions paired with student view `view` (all but its own)."""
+    return teacher_sum - teacher_probs[view] if view < teacher_probs.shape[0] else teacher_sum
+
+
 class _DinoCrossEntropy(torch.autograd.Function):
     """Σ over (teacher view i, student view v ≠ i) of H(t_i, softmax(s_v/τ)), mean over B, divided
     by the number of pairs, with the gradient written out: per student view v the weights are
@@ -191,8 +196,7 @@ class _DinoCrossEntropy(torch.autograd.Function):
         total = student.new_zeros((), dtype=torch.float32)
         for v in range(views):
             log_s = F.log_softmax(student[v].float() / temperature, dim=-1)
-            weights = teacher_sum - teacher_probs[v] if v < coded else teacher_sum
-            total -= (weights * log_s).sum()
+            total -= (_view_weights(teacher_probs, teacher_sum, v) * log_s).sum()
         ctx.save_for_backward(student, teacher_probs, teacher_sum)
         ctx.temperature, ctx.pairs = temperature, pairs
         return total / (pairs * student.shape[1])
@@ -200,11 +204,11 @@ class _DinoCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         student, teacher_probs, teacher_sum = ctx.saved_tensors
-        views, coded, batch = student.shape[0], teacher_probs.shape[0], student.shape[1]
+        views, batch = student.shape[0], student.shape[1]
         scale = grad_output / (ctx.temperature * batch * ctx.pairs)
         grad = torch.empty_like(student)
         for v in range(views):
-            weights = teacher_sum - teacher_probs[v] if v < coded else teacher_sum
+            weights = _view_weights(teacher_probs, teacher_sum, v)
             probs = torch.softmax(student[v].float() / ctx.temperature, dim=-1)
             grad[v] = ((weights.sum(dim=-1, keepdim=True) * probs - weights) * scale).to(grad.dtype)
         return grad, None, None

@@ -111,6 +111,7 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, config.checkpoint.keep, self.env.is_main)
         self.progress = Progress()
         self.collapse_watch = health.CollapseWatch()
+        self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
 
     # ----------------------------------------------------------------------------- helpers
@@ -190,7 +191,7 @@ class Trainer:
 
     def _fixed_images(self, count: int = 4) -> torch.Tensor:
         """The first `count` validation images in their evaluation view (uint8), the same at every evaluation."""
-        if not hasattr(self, "_fixed"):
+        if self._fixed is None:
             batches = eval_batches(self.val_shards, self.config.data.views, 0, 1, count, 0, self.config.data.timeout_s)
             self._fixed = next(iter(batches))["image"]
         return self._fixed
