@@ -117,6 +117,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lars_eta: float = 0.001
     clip_grad: float = 0.0  # max global gradient norm; 0 = off
+    clip_grad_per_parameter: bool = False  # clip each parameter's gradient norm alone (DINO's official clipping)
 
 
 @dataclass

@@ -48,6 +48,27 @@ def test_gradient_clipping_caps_the_global_norm():
     assert all(p.grad is None for p in engine.method.parameters())
 
 
+def test_per_parameter_clipping_caps_each_gradient_alone():
+    """DINO's clipping: every parameter's gradient scaled to norm ≤ 0.5 on its own, the small
+    ones left as they were; the reported norm is still the global pre-clip norm."""
+    engine, batch = engine_for(optim__clip_grad=0.5, optim__clip_grad_per_parameter=True)
+    engine.backward(engine.forward(batch, 0)["loss"])
+    grads = {name: p.grad.clone() for name, p in engine.method.named_parameters()}
+    expected = {name: g * min(1.0, 0.5 / (g.norm().item() + 1e-6)) for name, g in grads.items()}
+    assert sum(g.norm() > 0.5 for g in grads.values()) >= 2  # clipping acts on several
+    original_step, seen = engine.optimizer.step, {}
+
+    def spy():
+        seen.update({name: p.grad.clone() for name, p in engine.method.named_parameters()})
+        original_step()
+
+    engine.optimizer.step = spy
+    reported = engine.step()
+    assert reported == pytest.approx(torch.stack([g.norm() for g in grads.values()]).norm().item(), rel=1e-5)
+    for name, gradient in expected.items():
+        torch.testing.assert_close(seen[name], gradient, rtol=1e-6, atol=0)
+
+
 def test_bf16_autocast_runs_the_forward_in_bf16():
     engine, batch = engine_for(engine__precision="bf16")
     with engine.autocast():

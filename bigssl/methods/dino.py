@@ -39,6 +39,7 @@ class DINOConfig(MethodConfig):
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    head_batch_norm: bool = False  # BN after each hidden layer of the head (the official `use_bn_in_head`)
     freeze_last_layer_epochs: float = 1.0
     momentum: float = 0.996  # teacher EMA at step 0, cosine to 1
     student_temp: float = 0.1
@@ -66,8 +67,11 @@ class WeightNormLinear(nn.Module):
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, config: DINOConfig) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, config.hidden_dim), nn.GELU(),
-                                 nn.Linear(config.hidden_dim, config.hidden_dim), nn.GELU(),
+        def hidden(width_in: int) -> list[nn.Module]:
+            norm = [nn.BatchNorm1d(config.hidden_dim)] if config.head_batch_norm else []
+            return [nn.Linear(width_in, config.hidden_dim), *norm, nn.GELU()]
+
+        self.mlp = nn.Sequential(*hidden(in_dim), *hidden(config.hidden_dim),
                                  nn.Linear(config.hidden_dim, config.bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):

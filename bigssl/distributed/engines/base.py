@@ -94,16 +94,35 @@ class Engine(ABC):
         if self.scaler is not None:  # gradients must be true-sized before clipping measures them
             finite = self.scaler.unscale_([self.local_tensor(p.grad) for p in params])
         max_norm = self.config.optim.clip_grad
+        per_parameter = self.config.optim.clip_grad_per_parameter
         # clip_grad_norm_ with an infinite limit measures without clipping.
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 and finite else float("inf"))
+        limit = max_norm if max_norm > 0 and finite and not per_parameter else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
             norm = norm.full_tensor()
+        if per_parameter and max_norm > 0 and finite:
+            self._clip_each(params, max_norm)
         if finite:
             self.optimizer.step()
         if self.scaler is not None:
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    @torch.no_grad()
+    def _clip_each(self, params: list[torch.Tensor], max_norm: float) -> None:
+        """g ← g · min(1, max_norm / (‖g‖ + 1e-6)) for each parameter's whole gradient (DINO's
+        clipping): squared norms of the local pieces, summed over shards in one collective."""
+        grads = [self.local_tensor(p.grad) for p in params]
+        squares = torch.stack([g.float().pow(2).sum() for g in grads])
+        norms = self.sum_over_shards(squares).sqrt()
+        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors.unbind(), grads, strict=True)])
+
+    def sum_over_shards(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-parameter sums of local pieces → sums over whole parameters (identity when
+        every rank holds whole parameters)."""
+        return values
 
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         """The part of `param` this rank holds (all of it for replicated engines)."""

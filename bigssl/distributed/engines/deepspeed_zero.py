@@ -96,6 +96,9 @@ class DeepSpeedEngine(Engine):
         stage = self.config.engine.zero_stage
         if stage not in (1, 2, 3):
             raise ConfigError(f"engine.zero_stage: {stage} is not one of 1, 2, 3")
+        if self.config.optim.clip_grad_per_parameter:
+            raise ConfigError("optim.clip_grad_per_parameter: DeepSpeed clips the global gradient norm only; "
+                              "use optim.clip_grad alone, or engine.kind=ddp or fsdp")
         fp16 = self.config.engine.precision == "fp16"
         self.scaler = None  # DeepSpeed scales the loss itself
         if fp16 and method.ema_pairs():

@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from bigssl.distributed import comm
 from bigssl.distributed.engines.base import Engine, plain_layout
 from bigssl.methods.base import Batch, Method
 
@@ -78,6 +79,9 @@ class FSDPEngine(Engine):
 
     def step(self) -> float:
         return self._clip_and_step()
+
+    def sum_over_shards(self, values: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce_sum_no_grad(values)  # every parameter is sharded over all ranks
 
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param.to_local() if isinstance(param, DTensor) else param.detach()
