@@ -46,6 +46,7 @@ def _eval(args: argparse.Namespace) -> int:
     from bigssl.eval.offline import EvalOptions, evaluate
 
     options = EvalOptions(train=args.train, val=args.val, extract_batch=args.extract_batch, workers=args.workers,
+                          projector_layers=args.projector_layers,
                           **({"k": args.k, "temperature": args.temperature} if args.kind == "knn" else
                              {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                               "standardize": not args.no_standardize}))
@@ -105,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--val", required=True, help="labelled validation shards")
         sub.add_argument("--extract-batch", type=int, default=256, help="images per rank per extraction batch")
         sub.add_argument("--workers", type=int, default=2, help="data workers per rank")
+        sub.add_argument("--projector-layers", type=int, default=0, metavar="K",
+                         help="features after the first K projector layers (SimCLR v2: 1); default: the backbone")
         if kind == "knn":
             sub.add_argument("--k", type=int, default=20, help="neighbours that vote")
             sub.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")

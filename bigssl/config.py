@@ -108,6 +108,9 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: base_lr × batch/256; sqrt: base_lr × √batch; none
     lr: float = 0.0  # 0 = derived from base_lr by lr_scaling (the resolved value is recorded)
     min_lr: float = 0.0  # end of the cosine
+    lr_schedule: str = "cosine"  # cosine | step (after the warm-up)
+    lr_milestones: list[float] = field(default_factory=list)  # step: epochs where the lr drops
+    lr_factors: list[float] = field(default_factory=list)  # step: lr/peak from each milestone on; [] = 0.1, 0.01, …
     warmup_epochs: float = 10.0
     weight_decay: float = 1e-6
     exclude_bias_norm: bool = True  # no weight decay and no LARS adaptation on biases and norms

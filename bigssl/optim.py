@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from bigssl.config import OptimConfig
+from bigssl.errors import ConfigError
+from bigssl.schedules import WarmupCosine, WarmupSteps
 
 PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (Method.attach_online_probe)
 
@@ -89,3 +91,20 @@ def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+
+
+def lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int) -> WarmupCosine | WarmupSteps:
+    """The lr as a function of the step: warm-up, then a cosine to `min_lr` or step decays."""
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if config.lr_schedule == "cosine":
+        return WarmupCosine(peak=config.lr, total_steps=total_steps, warmup_steps=warmup, final=config.min_lr)
+    if config.lr_schedule != "step":
+        raise ConfigError(f"optim.lr_schedule: {config.lr_schedule!r} is not one of cosine, step")
+    milestones = list(config.lr_milestones)
+    if not milestones or milestones != sorted(milestones):
+        raise ConfigError(f"optim.lr_milestones: {milestones} must be increasing epochs for lr_schedule: step")
+    factors = list(config.lr_factors) or [0.1 ** (i + 1) for i in range(len(milestones))]
+    if len(factors) != len(milestones):
+        raise ConfigError(f"optim.lr_factors: {len(factors)} factors for {len(milestones)} optim.lr_milestones")
+    return WarmupSteps(peak=config.lr, milestones=tuple(round(m * steps_per_epoch) for m in milestones),
+                       factors=tuple(factors), warmup_steps=warmup)

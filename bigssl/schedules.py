@@ -28,6 +28,23 @@ class WarmupCosine:
         return self.final + 0.5 * (self.peak - self.final) * (1 + math.cos(math.pi * progress))
 
 
+@dataclass(frozen=True)
+class WarmupSteps:
+    """Linear warm-up from 0 to `peak` over `warmup_steps`, then `peak × factors[i]` from
+    `milestones[i]` on (MoCo v1, InstDisc, CMC: ×0.1 at epochs 120 and 160)."""
+
+    peak: float
+    milestones: tuple[int, ...]
+    factors: tuple[float, ...]
+    warmup_steps: int = 0
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak * step / self.warmup_steps
+        passed = sum(step >= m for m in self.milestones)
+        return self.peak * (self.factors[passed - 1] if passed else 1.0)
+
+
 def cosine_to(start: float, end: float, step: int, total_steps: int) -> float:
     """Half-cosine from `start` at step 0 to `end` at `total_steps` (EMA momentum 0.996 → 1,
     DINO's weight decay 0.04 → 0.4)."""

@@ -33,8 +33,7 @@ from bigssl.eval import attention, knn
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
 from bigssl.monitor import Monitor
-from bigssl.optim import build_optimizer
-from bigssl.schedules import WarmupCosine
+from bigssl.optim import build_optimizer, lr_schedule
 
 
 class _Window:
@@ -95,19 +94,18 @@ class Trainer:
         self.steps_per_epoch = self.data.steps_per_epoch
         self.total_steps = config.optim.epochs * self.steps_per_epoch
         self.last_step = min(self.total_steps, config.optim.max_steps or self.total_steps)
+        self.lr = lr_schedule(config.optim, self.steps_per_epoch, self.total_steps)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.method = build_method(config)
         self.method.configure_schedule(self.steps_per_epoch, self.total_steps)
+        self.method.configure_data(self.data.shards.total)
         if config.eval.online_probe_classes:
             self.method.attach_online_probe(config.eval.online_probe_classes)
         self.engine = build_engine(config, self.env, self.device)
         probe_lr = config.eval.online_probe_lr
         rules = self.method.param_rules()
         self.engine.setup(self.method, lambda module: build_optimizer(module, config.optim, probe_lr, rules))
-        self.lr = WarmupCosine(peak=config.optim.lr, total_steps=self.total_steps,
-                               warmup_steps=round(config.optim.warmup_epochs * self.steps_per_epoch),
-                               final=config.optim.min_lr)
         self.checkpoints = Checkpointer(self.run_dir, config.checkpoint.keep, self.env.is_main)
         self.progress = Progress()
         self.collapse_watch = health.CollapseWatch()

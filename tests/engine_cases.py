@@ -79,10 +79,11 @@ def global_batch(world_size: int, step: int) -> dict:
     return {"views": [torch.cat(parts, dim=1)]}
 
 
-def setup(config: Config, rank: int, world_size: int):
+def setup(config: Config, rank: int, world_size: int, data_size: int | None = None):
     env = DistEnv(rank=rank, world_size=world_size, local_rank=rank)
     torch.manual_seed(0)
     method = build(config)
+    method.configure_data(data_size)
     engine = build_engine(config, env, torch.device("cpu"))
     engine.setup(method, lambda module: build_optimizer(module, config.optim, rules=method.param_rules()))
     return engine

@@ -57,6 +57,41 @@ def test_offline_knn_on_two_processes_matches_one(trained_run: Path):
     assert double["eval/knn_top1"] == pytest.approx(single["eval/knn_top1"], abs=1e-9)
 
 
+def test_features_from_the_first_projector_layer(trained_run: Path):
+    """SimCLR v2's downstream features: backbone → Linear → BN → ReLU of the projector, rebuilt
+    here by hand from the checkpoint, score what `--projector-layers 1` reports."""
+    from bigssl import config as config_lib
+    from bigssl.data.shards import resolve
+    from bigssl.data.views import Photometric
+    from bigssl.eval import knn
+    from bigssl.models.backbones import build_backbone
+
+    result = run_cli("eval", "knn", str(trained_run), *EVAL_DATA, "--projector-layers", "1")
+    assert result.returncode == 0, result.stderr
+    reported = records(trained_run)[-1]["eval/knn_top1"]
+    config = config_lib.load(trained_run / "config.yaml", [])
+    state = torch.load(trained_run / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)["method"]
+    backbone = build_backbone(config.model)
+    backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})
+    width = config.model.projector.hidden_dim
+    first = torch.nn.Linear(backbone.num_features, width, bias=False)
+    norm = torch.nn.BatchNorm1d(width)
+    first.weight.data = state["projector.0.weight"]
+    norm.load_state_dict({k[12:]: v for k, v in state.items() if k.startswith("projector.1.")})
+    model = torch.nn.Sequential(backbone, first, norm, torch.nn.ReLU())
+    views = config.data.views
+    args = (views, Photometric(views).normalize, 256, 1, torch.device("cpu"))
+    train, val = (knn.extract(model, resolve(s, "x"), *args) for s in ("quickstart:train", "quickstart:val"))
+    assert train.features.shape[1] == width
+    assert knn.weighted_knn(train, val)["top1"] == pytest.approx(reported, abs=1e-9)
+    at_end = next(r for r in records(trained_run) if "knn/top1" in r)["knn/top1"]
+    assert reported != at_end  # not the backbone's features
+    too_deep = run_cli("eval", "knn", str(trained_run), *EVAL_DATA, "--projector-layers", "3")
+    assert too_deep.returncode == 2
+    assert too_deep.stderr.strip().splitlines()[-1].endswith("--projector-layers: the projector has 2 linear layers, "
+                                                            "not 3")
+
+
 def test_offline_linear_probe_reports_top1_and_top5(trained_run: Path):
     result = run_cli("eval", "linear", str(trained_run), *EVAL_DATA, "--epochs", "10", "--batch-size", "256")
     assert result.returncode == 0, result.stderr

@@ -1,11 +1,13 @@
 import math
+import re
 
 import pytest
 import torch
 from torch import nn
 
 from bigssl.config import OptimConfig
-from bigssl.optim import LARS, build_optimizer, param_groups
+from bigssl.errors import ConfigError
+from bigssl.optim import LARS, build_optimizer, lr_schedule, param_groups
 from bigssl.schedules import WarmupCosine
 
 
@@ -71,3 +73,25 @@ def test_warmup_cosine_values():
     assert schedule(60) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert schedule(110) == pytest.approx(0.1)
     assert schedule(500) == pytest.approx(0.1)  # past the end it stays at the floor
+
+
+def test_step_schedule_warms_up_then_drops_at_its_milestones():
+    """MoCo v1's schedule, 10 steps per epoch: ×0.1 at epoch 120 and ×0.01 at 160 of 200."""
+    optim = OptimConfig(lr=0.03, warmup_epochs=1, lr_schedule="step", lr_milestones=[120, 160])
+    schedule = lr_schedule(optim, steps_per_epoch=10, total_steps=2000)
+    assert [schedule(s) for s in (0, 5, 10)] == pytest.approx([0.0, 0.015, 0.03])
+    assert [schedule(s) for s in (1199, 1200, 1599, 1600, 1999)] == pytest.approx([0.03, 0.003, 0.003, 3e-4, 3e-4])
+    invaspread = OptimConfig(lr=0.03, warmup_epochs=0, lr_schedule="step", lr_milestones=[120, 160, 200],
+                             lr_factors=[0.1, 0.05, 0.01])
+    assert lr_schedule(invaspread, 1, 300)(170) == pytest.approx(0.0015)
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"lr_schedule": "linear"}, "optim.lr_schedule: 'linear'"),
+    ({"lr_schedule": "step"}, "optim.lr_milestones: []"),
+    ({"lr_schedule": "step", "lr_milestones": [160, 120]}, "optim.lr_milestones"),
+    ({"lr_schedule": "step", "lr_milestones": [120], "lr_factors": [0.1, 0.01]}, "optim.lr_factors: 2 factors"),
+])
+def test_bad_lr_schedules_name_their_key(keys: dict, message: str):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        lr_schedule(OptimConfig(lr=0.1, **keys), 10, 100)

@@ -25,7 +25,8 @@ from bigssl.distributed import env as env_lib
 from bigssl.errors import UserError
 from bigssl.eval import knn, linear
 from bigssl.eval.export import checkpoint_dir
-from bigssl.models.backbones import build_backbone
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import projector, projector_prefix
 from bigssl.monitor import Monitor
 
 
@@ -41,6 +42,7 @@ class EvalOptions:
     standardize: bool = True  # linear: features standardised by the training set's statistics
     extract_batch: int = 256
     workers: int = 2
+    projector_layers: int = 0  # features after this many projector layers (SimCLR v2: 1); 0 = backbone
 
 
 @dataclass
@@ -61,19 +63,37 @@ def locate(source: Path) -> SavedRun:
     return SavedRun(run_dir, checkpoint, int(match.group(1)) if match else 0, config_lib.load(config_path, []))
 
 
-def load_backbone(saved: SavedRun, device: torch.device) -> nn.Module:
-    from bigssl.distributed.engines.consolidate import backbone_state
+def load_backbone(saved: SavedRun, device: torch.device, projector_layers: int = 0) -> nn.Module:
+    """The trained backbone; with `projector_layers` > 0, followed by that many layers of the
+    method's projector (rebuilt from model.projector and loaded from the same checkpoint)."""
+    from bigssl.distributed.engines.consolidate import method_state
 
     backbone = build_backbone(saved.config.model)
     try:
-        state = backbone_state(saved.checkpoint)
+        state = method_state(saved.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
-    missing, unexpected = backbone.load_state_dict(state, strict=False)
+    _load_part(backbone, state, "backbone.", saved, f"model.backbone={saved.config.model.backbone}")
+    if not projector_layers:
+        return backbone.to(device)
+    head = projector(feature_dim(backbone), saved.config.model.projector)
+    _load_part(head, state, "projector.", saved, "model.projector")
+    try:
+        layers = projector_prefix(head, projector_layers)
+    except ValueError as err:
+        raise UserError(f"--projector-layers: {err}") from err
+    return nn.Sequential(backbone, *layers).to(device)
+
+
+def _load_part(module: nn.Module, state: dict[str, torch.Tensor], prefix: str, saved: SavedRun, what: str) -> None:
+    part = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not part:
+        raise UserError(f"{saved.checkpoint}: the checkpoint holds no {prefix}* weights "
+                        f"(method {saved.config.method.name})")
+    missing, unexpected = module.load_state_dict(part, strict=False)
     if missing or unexpected:
-        raise UserError(f"{saved.checkpoint}: backbone does not match model.backbone={saved.config.model.backbone} "
+        raise UserError(f"{saved.checkpoint}: {prefix.rstrip('.')} does not match {what} "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    return backbone.to(device)
 
 
 def evaluate(kind: str, source: Path, options: EvalOptions) -> dict[str, float]:
@@ -93,7 +113,7 @@ def evaluate(kind: str, source: Path, options: EvalOptions) -> dict[str, float]:
 def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.device,
               is_main: bool) -> dict[str, float]:
     config = saved.config
-    backbone = load_backbone(saved, device)
+    backbone = load_backbone(saved, device, options.projector_layers)
     views = config.data.views
     args = (views, Photometric(views).normalize, options.extract_batch, options.workers, device,
             config.data.timeout_s)

@@ -80,6 +80,17 @@ class Method(nn.Module):
         """Called by the trainer before the optimizer is built."""
         self.steps_per_epoch, self.total_steps = max(1, steps_per_epoch), max(1, total_steps)
 
+    def configure_data(self, num_samples: int | None) -> None:
+        """Called by the trainer after building, with the number of training samples (None
+        when the shards have no index): methods with per-sample state (InstDisc's memory
+        bank) size it here, before the engine wraps the method or loads a checkpoint."""
+
+    def synchronised_buffers(self) -> list[str]:
+        """Buffers the method itself keeps identical on every rank (queues and banks written
+        from gathered tensors): DDP need not re-broadcast them at every forward, which for a
+        dataset-sized memory bank would cost more than the step."""
+        return []
+
     def param_rules(self) -> dict[str, dict]:
         """Parameter-name prefix → options for that parameter group: `fixed_lr` (stay at the peak
         lr, no schedule), `frozen_steps` (lr 0 until this step), `lr_scale`. Engine-agnostic:

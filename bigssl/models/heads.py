@@ -34,3 +34,13 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: boo
 def projector(in_dim: int, config: ProjectorConfig) -> nn.Sequential:
     return mlp(in_dim, config.hidden_dim, config.out_dim, config.layers, config.batch_norm,
                config.last_batch_norm, config.last_affine)
+
+
+def projector_prefix(head: nn.Sequential, layers: int) -> nn.Sequential:
+    """The head up to its `layers`-th Linear and that layer's BN and ReLU: SimCLR v2 takes
+    downstream features (and fine-tunes) from the first layer of its 3-layer projector."""
+    linear_positions = [i for i, module in enumerate(head) if isinstance(module, nn.Linear)]
+    if not 1 <= layers <= len(linear_positions):
+        raise ValueError(f"the projector has {len(linear_positions)} linear layers, not {layers}")
+    end = linear_positions[layers] if layers < len(linear_positions) else len(head)
+    return nn.Sequential(*list(head)[:end])

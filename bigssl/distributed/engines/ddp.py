@@ -25,6 +25,8 @@ class DDPEngine(Engine):
         self.optimizer = optimizer_factory(method)
         if self.env.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
+            if names := method.synchronised_buffers():
+                DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, names)
             # Gradients as views of the reduction buckets: one copy of the gradients, not two.
             self.module: nn.Module = DistributedDataParallel(method, device_ids=device_ids,
                                                              gradient_as_bucket_view=True)

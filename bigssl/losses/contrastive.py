@@ -1,0 +1,125 @@
+"""Contrastive losses: an anchor against a positive and negatives (SimCLR, the MoCo family,
+InstDisc, InvaSpread, CLIP)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bigssl.distributed import comm
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+    """SimCLR's normalised-temperature cross entropy (Chen et al. 2020, eq. 1).
+
+    z1, z2: `[B, D]` projections of two views of the same B images (not normalised).
+    Returns the mean over the 2N anchors of the global batch (N = W·B); each anchor has one
+    positive (the other view of its image) and 2(N−1) negatives.
+
+    Cross-rank: the candidates are gathered from every rank *with* gradient (backward sums over
+    ranks, then takes the local slice). Each rank scores only its own 2B anchors against all 2N
+    candidates, so the work per rank is 2B × 2N, not 2N × 2N.
+    """
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(
+            f"nt_xent expects two [B, D] tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    # Similarities in fp32: exp(1/τ) at τ = 0.1 is fine in bf16, but log-sum-exp over
+    # thousands of candidates loses the small differences that carry the gradient.
+    z1 = F.normalize(z1.float(), dim=1)
+    z2 = F.normalize(z2.float(), dim=1)
+    local = z1.shape[0]
+    if gather and comm.is_distributed():
+        offset = comm.rank() * local
+        all_z1, all_z2 = comm.gather_with_grad(z1), comm.gather_with_grad(z2)
+    else:
+        offset = 0
+        all_z1, all_z2 = z1, z2
+    total = all_z1.shape[0]
+
+    anchors = torch.cat([z1, z2], dim=0)  # [2B, D]
+    candidates = torch.cat([all_z1, all_z2], dim=0)  # [2N, D]
+    logits = anchors @ candidates.T / temperature  # [2B, 2N]
+
+    rows = torch.arange(local, device=z1.device)
+    own_index = torch.cat([offset + rows, total + offset + rows])  # each anchor's own column
+    positive_index = torch.cat([total + offset + rows, offset + rows])  # the other view
+    logits[torch.arange(2 * local, device=z1.device), own_index] = float("-inf")
+    return F.cross_entropy(logits, positive_index)
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.Tensor | None = None,
+             gather: bool = True) -> torch.Tensor:
+    """InfoNCE of queries against keys (MoCo family); q, k `[B, D]`, normalised here.
+
+    Without a queue (MoCo v3): each query's positive is its own key, the negatives are the keys
+    of every other image in the global batch; keys are gathered from all ranks *without*
+    gradient (they come from the momentum encoder) and the label of query i on rank r is
+    r·B + i. MoCo v3 multiplies the result by 2τ; that is the method's business.
+    With `queue` `[K, D]` (MoCo v1/v2, normalised by the caller): logit 0 is q·k, the others are
+    q against the queue; nothing crosses ranks here (the method enqueues gathered keys).
+    Mean over the local queries.
+    """
+    if q.shape != k.shape or q.ndim != 2:
+        raise ValueError(f"info_nce expects q and k of one [B, D] shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    if queue is not None:
+        positives = (q * k).sum(dim=1, keepdim=True)
+        logits = torch.cat([positives, q @ queue.detach().float().T], dim=1) / temperature
+        return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    offset = 0
+    if gather and comm.is_distributed():
+        offset = comm.rank() * len(k)
+        k = comm.gather_no_grad(k)
+    labels = offset + torch.arange(len(q), device=q.device)
+    return F.cross_entropy(q @ k.T / temperature, labels)
+
+
+def invaspread_loss(f: torch.Tensor, f_hat: torch.Tensor, temperature: float = 0.1,
+                    gather: bool = True) -> torch.Tensor:
+    """InvaSpread's instance softmax (Ye et al. 2019, eq. 5): the 2N features of two views of N
+    images; for each anchor, P(k | anchor) = softmax over the other 2N − 1 features of aᵀf_k/τ;
+    J = −log P(positive) − Σ_{k ≠ anchor, positive} log(1 − P(k)), mean over the anchors.
+
+    As in the official code the candidate side of every similarity is detached: the gradient
+    reaches each feature through its own anchor row only. So the candidates are gathered from
+    every rank without gradient, each rank scores its own 2B anchors, and W ranks × B samples
+    give exactly the one-process loss and gradients of the W·B images.
+    """
+    if f.shape != f_hat.shape or f.ndim != 2:
+        raise ValueError(f"invaspread_loss expects two [B, D] tensors of one shape, got {tuple(f.shape)} "
+                         f"and {tuple(f_hat.shape)}")
+    f, f_hat = F.normalize(f.float(), dim=1), F.normalize(f_hat.float(), dim=1)
+    local = len(f)
+    distributed = gather and comm.is_distributed()
+    offset = comm.rank() * local if distributed else 0
+    all_f = comm.gather_no_grad(f) if distributed else f.detach()
+    all_f_hat = comm.gather_no_grad(f_hat) if distributed else f_hat.detach()
+    total = len(all_f)
+    anchors = torch.cat([f, f_hat])  # [2B, D]
+    logits = anchors @ torch.cat([all_f, all_f_hat]).T / temperature  # [2B, 2N]
+    rows = torch.arange(2 * local, device=f.device)
+    own = torch.cat([offset + rows[:local], total + offset + rows[:local]])
+    positive = torch.cat([total + offset + rows[:local], offset + rows[:local]])
+    logits[rows, own] = float("-inf")  # an anchor is not its own candidate
+    log_p = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    # log(1 − P) for every candidate; the anchor's own column (P = 0) adds 0, the positive is removed.
+    log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-6))
+    negatives = log_not.sum(dim=1) - log_not[rows, positive]
+    return -(log_p[rows, positive] + negatives).mean()
+
+
+def nce_loss(scores: torch.Tensor, log_normaliser: torch.Tensor | float, population: int) -> torch.Tensor:
+    """InstDisc's noise-contrastive estimation (Wu et al. 2018, eq. 6-7): scores `[B, 1 + m]` of
+    vᵀf/τ, the positive entry first, then m noise entries drawn uniformly from `population`.
+    P(i|f) = exp(score)/Z; h = P/(P + m/n); J = −[log h(positive) + Σ log(1 − h(noise))], mean
+    over the batch, computed in the log domain. Nothing crosses ranks (Z is the caller's)."""
+    noise = scores.shape[1] - 1
+    log_p = scores.float() - log_normaliser
+    log_noise = math.log(noise / population)
+    log_denominator = torch.logaddexp(log_p, torch.full_like(log_p, log_noise))  # log(P + m/n)
+    log_h_positive = log_p[:, 0] - log_denominator[:, 0]
+    log_not_noise = log_noise - log_denominator[:, 1:]  # log(1 − h) = log(m/n) − log(P + m/n)
+    return -(log_h_positive + log_not_noise.sum(dim=1)).mean()

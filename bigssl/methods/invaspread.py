@@ -1,0 +1,45 @@
+"""InvaSpread (Ye, Zhang, Yuen, Chang 2019, arXiv 1904.03436).
+
+Instance discrimination inside the batch, no memory bank: two augmented views of each image
+go through one backbone and a linear layer to 128-d unit features; each feature should pick out
+its image's other view among the 2N − 1 other features of the global batch (invariance) and
+push every other image away (spreading): `bigssl.losses.invaspread_loss`, τ 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bigssl import losses
+from bigssl.config import Config, MethodConfig
+from bigssl.data.views import flat
+from bigssl.methods.base import Batch, Method, register
+from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.heads import projector
+
+
+@dataclass
+class InvaSpreadConfig(MethodConfig):
+    name: str = "invaspread"
+    temperature: float = 0.1
+    gather: bool = True  # candidates from every rank
+
+
+@register("invaspread")
+class InvaSpread(Method):
+    config_class = InvaSpreadConfig
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.backbone = build_backbone(config.model)
+        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+
+    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        method: InvaSpreadConfig = self.config.method  # type: ignore[assignment]
+        h = self.backbone(flat(batch["views"][0]))  # both views in one pass, as the official code
+        f, f_hat = self.projector(h).chunk(2)
+        loss = losses.invaspread_loss(f, f_hat, method.temperature, gather=method.gather)
+        return {"loss": loss, "features": h[: len(f)], "embedding": f.detach(),
+                "temperature": loss.new_tensor(method.temperature)}

@@ -1,0 +1,96 @@
+"""InvaSpread's and InstDisc's losses against their formulas written out plainly, and InvaSpread
+across ranks: 2 processes × B give 1 process × 2B (value and per-sample gradients)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_distributed
+
+from bigssl import losses
+from bigssl.distributed import comm
+
+B, D = 5, 4
+
+
+def _rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _invaspread_plain(f: torch.Tensor, f_hat: torch.Tensor, tau: float) -> float:
+    """Ye et al. eq. 5 over the 2N features, each anchor's softmax over the other 2N − 1."""
+    feats = [[x / math.sqrt(sum(y * y for y in row)) for x in row] for row in torch.cat([f, f_hat]).tolist()]
+    n = len(f)
+    total = 0.0
+    for a in range(2 * n):
+        others = [k for k in range(2 * n) if k != a]
+        exps = {k: math.exp(sum(x * y for x, y in zip(feats[a], feats[k], strict=True)) / tau) for k in others}
+        denominator = sum(exps.values())
+        positive = (a + n) % (2 * n)
+        total -= math.log(exps[positive] / denominator)
+        total -= sum(math.log(1 - exps[k] / denominator) for k in others if k != positive)
+    return total / (2 * n)
+
+
+def test_invaspread_matches_the_formula():
+    f, f_hat = _rand(B, D, seed=0), _rand(B, D, seed=1)
+    assert losses.invaspread_loss(f, f_hat, 0.5).item() == pytest.approx(_invaspread_plain(f, f_hat, 0.5), rel=1e-5)
+
+
+def test_invaspread_gradient_flows_through_anchors_only():
+    """The candidate side is detached (official code): the gradient of sample i's feature is the
+    derivative of its own two anchor rows, with every other feature held fixed."""
+    f, f_hat = _rand(B, D, seed=2).requires_grad_(True), _rand(B, D, seed=3)
+    losses.invaspread_loss(f, f_hat, 0.5).backward()
+    i = 1
+    row = f[i].detach().clone().requires_grad_(True)
+
+    def anchor_terms(anchor: torch.Tensor) -> torch.Tensor:  # only row i's own terms depend on it
+        a = torch.nn.functional.normalize(anchor, dim=0)
+        candidates = torch.nn.functional.normalize(torch.cat([f.detach(), f_hat]), dim=1)
+        logits = candidates @ a / 0.5
+        logits[i] = float("-inf")
+        log_p = logits - torch.logsumexp(logits, dim=0)
+        negatives = [k for k in range(2 * B) if k not in (i, B + i)]
+        return -(log_p[B + i] + torch.log1p(-log_p[negatives].exp()).sum()) / (2 * B)
+
+    anchor_terms(row).backward()
+    torch.testing.assert_close(f.grad[i], row.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_nce_loss_matches_the_formula():
+    scores, z, population = _rand(3, 5, seed=4), 7.5, 100
+    expected = 0.0
+    for row in scores.tolist():
+        h = [(math.exp(s) / z) / (math.exp(s) / z + 4 / population) for s in row]
+        expected -= math.log(h[0]) + sum(math.log(1 - x) for x in h[1:])
+    assert losses.nce_loss(scores, math.log(z), population).item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def _invaspread_with_grads(f: torch.Tensor, f_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+    f, f_hat = f.clone().requires_grad_(True), f_hat.clone().requires_grad_(True)
+    loss = losses.invaspread_loss(f, f_hat, 0.3)
+    loss.backward()
+    return {"loss": loss.detach(), "grad": f.grad, "grad_hat": f_hat.grad}
+
+
+def _worker(rank: int, world_size: int, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    f, f_hat = _rand(2 * B, D, seed=5), _rand(2 * B, D, seed=6)
+    rows = slice(rank * B, (rank + 1) * B)
+    torch.save(_invaspread_with_grads(f[rows], f_hat[rows]), out / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_invaspread_on_two_ranks_equals_one_process(tmp_path: Path):
+    run_distributed(_worker, 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _invaspread_with_grads(_rand(2 * B, D, seed=5), _rand(2 * B, D, seed=6))
+    assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(single["loss"].item(), rel=1e-5)
+    for rank, result in enumerate(ranks):  # W × the per-sample gradient before the engine's average
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(result["grad"] / 2, single["grad"][rows], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(result["grad_hat"] / 2, single["grad_hat"][rows], atol=1e-6, rtol=1e-4)

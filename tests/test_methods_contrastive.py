@@ -1,0 +1,175 @@
+"""The contrastive family's mechanics: MoCo's queue (pointer, contents, divisibility, identical
+on every rank) and shuffle BN across ranks; InstDisc's memory bank, NCE with its estimated Z and
+the softmax variant, against the formulas written out plainly."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from engine_cases import BATCH, make_config, rank_batch, save_result, setup, train_steps
+from helpers import run_distributed
+
+from bigssl.distributed import comm
+from bigssl.errors import ConfigError
+from bigssl.methods.instdisc import noise_ids
+
+NO_BN = "model.projector.batch_norm=false"
+
+
+def moco(*extra: str, world_size: int = 1, rank: int = 0):
+    keys = ["moco", f"optim.batch_size={BATCH * world_size}", "model.projector.hidden_dim=16", *extra]
+    return setup(make_config(*keys), rank, world_size)
+
+
+def test_moco_enqueues_normalised_keys_and_wraps_its_pointer():
+    engine = moco(f"method.queue_size={3 * BATCH}", "optim.lr=0")  # lr 0: the key encoder stays as built
+    method = engine.method
+    initial = method.queue.clone()
+    assert torch.allclose(initial.norm(dim=1), torch.ones(3 * BATCH))  # random unit keys to start
+    for step in range(4):
+        batch = rank_batch(0, step)
+        with torch.no_grad():  # the key encoder on view 1, written out (BN sees the batch in any order)
+            expected = F.normalize(method.key_projector(method.key_backbone(batch["views"][0][1])), dim=1)
+        engine.forward(batch, step)
+        slot = step % 3
+        torch.testing.assert_close(method.queue[slot * BATCH : (slot + 1) * BATCH], expected, atol=1e-6, rtol=0)
+        assert int(method.queue_pointer) == (slot + 1) % 3 * BATCH
+        if step < 2:  # the rows not yet written keep their initial keys
+            torch.testing.assert_close(method.queue[(slot + 1) * BATCH :], initial[(slot + 1) * BATCH :])
+
+
+def test_moco_queue_must_be_a_multiple_of_the_global_batch():
+    with pytest.raises(ConfigError, match=r"method.queue_size: 10 .* optim.batch_size=4"):
+        moco("method.queue_size=10")
+
+
+def _record_queue(rank: int, world_size: int, extra: list[str], steps: int, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine = moco(*extra, world_size=world_size, rank=rank)
+    result = train_steps(engine, range(steps), lambda step: rank_batch(rank, step))
+    save_result(out, rank, {**result, "queue": engine.method.queue.clone()})
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("projector_bn", [False, True])
+def test_moco_queue_is_identical_on_every_rank_and_equals_one_process(tmp_path: Path, projector_bn: bool):
+    """2 ranks × 4 samples against 1 process × 8 with the key BN cut into the same 2 slices of
+    one shuffled global batch: the queues (and, without BN in the queries, the losses) agree.
+    With BN in the projector the ranks' queries differ from one process's (per-rank statistics),
+    so one step is compared: its keys come from the shared initial key encoder through the
+    shuffled slices, which checks the shuffle and unshuffle across ranks."""
+    steps = 1 if projector_bn else 3
+    extra = [f"method.queue_size={8 * BATCH}", *([] if projector_bn else [NO_BN])]
+    run_distributed(_record_queue, 2, extra, steps, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"], atol=0, rtol=0)
+
+    engine = moco(*extra, "method.key_bn_splits=2", world_size=1)
+    engine.config.optim.batch_size = 2 * BATCH  # one process holds both ranks' samples
+    both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)]}  # noqa: E731
+    one = train_steps(engine, range(steps), both)
+    written = slice(0, 2 * BATCH * steps)
+    torch.testing.assert_close(ranks[0]["queue"][written], engine.method.queue[written], atol=1e-5, rtol=0)
+    if not projector_bn:
+        mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+        torch.testing.assert_close(torch.tensor(mean), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
+
+
+BANK = 40
+
+
+def instdisc(*extra: str, world_size: int = 1, rank: int = 0):
+    keys = ["instdisc", f"optim.batch_size={BATCH * world_size}", "model.projector.layers=1",
+            "model.projector.batch_norm=false", "method.negatives=6", *extra]
+    engine = setup(make_config(*keys), rank, world_size, data_size=BANK)
+    return engine
+
+
+def id_batch(rank: int, step: int, world_size: int = 2) -> dict:
+    """rank_batch's images with distinct global ids (the same samples for 1 or W processes)."""
+    start = (step * BATCH * world_size + rank * BATCH) % BANK
+    return {**rank_batch(rank, step), "id": torch.arange(start, start + BATCH) % BANK}
+
+
+def test_instdisc_nce_loss_z_and_bank_update_follow_the_formulas():
+    engine = instdisc("optim.lr=0")
+    method, tau, m = engine.method, 0.07, 6
+    bank = method.bank.clone()
+    assert bank.shape == (BANK, 16) and torch.allclose(bank.norm(dim=1), torch.ones(BANK))
+    batch = id_batch(0, 0, world_size=1)
+    with torch.no_grad():
+        f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
+    loss = engine.forward(batch, 0)["loss"].item()
+    noise = noise_ids(0, 0, BANK, m, BATCH)
+    scores = [[float(f[i] @ bank[batch["id"][i]]) / tau] + [float(f[i] @ bank[j]) / tau for j in noise[i]]
+              for i in range(BATCH)]
+    z = BANK * sum(math.exp(s) for row in scores for s in row) / (BATCH * (m + 1))
+    assert float(method.normaliser) == pytest.approx(z, rel=1e-5)
+    expected = 0.0
+    for row in scores:
+        p = [math.exp(s) / z for s in row]
+        h = [q / (q + m / BANK) for q in p]
+        expected -= math.log(h[0]) + sum(math.log(1 - x) for x in h[1:])
+    assert loss == pytest.approx(expected / BATCH, rel=1e-5)
+    for i, index in enumerate(batch["id"].tolist()):  # v ← normalise(0.5·v + 0.5·f)
+        torch.testing.assert_close(method.bank[index], F.normalize(0.5 * bank[index] + 0.5 * f[i], dim=0))
+    untouched = [i for i in range(BANK) if i not in batch["id"].tolist()]
+    torch.testing.assert_close(method.bank[untouched], bank[untouched], atol=0, rtol=0)
+    engine.forward(id_batch(0, 1, world_size=1), 1)
+    assert float(method.normaliser) == pytest.approx(z, rel=1e-5)  # estimated once, then frozen
+
+
+@pytest.mark.parametrize("negatives", [6, 0])
+def test_instdisc_softmax_variant_is_cross_entropy_over_the_sampled_or_whole_bank(negatives: int):
+    engine = instdisc("method.loss=softmax", f"method.negatives={negatives}")
+    method, tau = engine.method, 0.07
+    bank = method.bank.clone()
+    batch = id_batch(0, 0, world_size=1)
+    with torch.no_grad():
+        f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
+    loss = engine.forward(batch, 0)["loss"].item()
+    candidates = noise_ids(0, 0, BANK, negatives, BATCH) if negatives else [list(range(BANK))] * BATCH
+    expected = 0.0
+    for i, index in enumerate(batch["id"].tolist()):
+        positive = float(f[i] @ bank[index]) / tau
+        others = [float(f[i] @ bank[j]) / tau for j in candidates[i]]
+        # sampled: the positive is its own first logit; whole bank: it is one of the columns
+        logits = others if not negatives else [positive, *others]
+        expected -= positive - math.log(sum(math.exp(x) for x in logits))
+    assert loss == pytest.approx(expected / BATCH, rel=1e-5)
+
+
+def test_instdisc_without_sample_ids_is_a_config_error():
+    engine = instdisc()
+    with pytest.raises(ConfigError, match="data.train: InstDisc needs global sample ids"):
+        engine.forward({**rank_batch(0, 0), "id": torch.full((BATCH,), -1)}, 0)
+
+
+def _instdisc_ranks(rank: int, world_size: int, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine = instdisc(world_size=2, rank=rank)
+    result = train_steps(engine, range(3), lambda step: id_batch(rank, step))
+    save_result(out, rank, {**result, "bank": engine.method.bank.clone(), "z": engine.method.normaliser.clone()})
+
+
+@pytest.mark.distributed
+def test_instdisc_bank_is_identical_on_every_rank_and_equals_one_process(tmp_path: Path):
+    """Bank writes gathered from both ranks, Z all-reduced, noise drawn for the global batch:
+    2 ranks × 4 samples give one process's bank, Z and losses on the 8 samples (no BN)."""
+    run_distributed(_instdisc_ranks, 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(ranks[0]["bank"], ranks[1]["bank"], atol=0, rtol=0)
+    engine = instdisc()
+    engine.config.optim.batch_size = 2 * BATCH
+    both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)],  # noqa: E731
+                         "id": torch.cat([id_batch(r, step)["id"] for r in range(2)])}
+    one = train_steps(engine, range(3), both)
+    torch.testing.assert_close(ranks[0]["bank"], engine.method.bank, atol=1e-5, rtol=0)
+    assert float(ranks[0]["z"]) == pytest.approx(float(engine.method.normaliser), rel=1e-5)
+    mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
+    torch.testing.assert_close(torch.tensor(mean), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
+    assert len(set(one["losses"])) == 3
