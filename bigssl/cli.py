@@ -45,11 +45,14 @@ def _eval(args: argparse.Namespace) -> int:
     from bigssl.distributed.env import detect
     from bigssl.eval.offline import EvalOptions, evaluate
 
-    options = EvalOptions(train=args.train, val=args.val, extract_batch=args.extract_batch, workers=args.workers,
-                          projector_layers=args.projector_layers,
-                          **({"k": args.k, "temperature": args.temperature} if args.kind == "knn" else
-                             {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-                              "standardize": not args.no_standardize}))
+    if args.kind == "zeroshot":
+        options = EvalOptions(train="", val=args.val, extract_batch=args.extract_batch, workers=args.workers)
+    else:
+        options = EvalOptions(train=args.train, val=args.val, extract_batch=args.extract_batch, workers=args.workers,
+                              projector_layers=args.projector_layers,
+                              **({"k": args.k, "temperature": args.temperature} if args.kind == "knn" else
+                                 {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
+                                  "standardize": not args.no_standardize}))
     evaluate(args.kind, Path(args.source), options)
     if detect().distributed:  # as after training: skip gloo's exit handlers (reference/stack.md)
         sys.stdout.flush()
@@ -96,16 +99,22 @@ def parser() -> argparse.ArgumentParser:
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
     shards.set_defaults(run=_shards)
 
-    evaluation = commands.add_parser("eval", help="score a run's (or checkpoint's) backbone: kNN or linear probe")
+    evaluation = commands.add_parser("eval", help="score a run's (or checkpoint's) backbone: kNN, linear probe, "
+                                                  "or zero-shot")
     kinds = evaluation.add_subparsers(dest="kind", required=True)
     for kind, text in (("knn", "weighted k-nearest-neighbour accuracy"),
-                       ("linear", "linear probe on cached features, the method's published protocol")):
+                       ("linear", "linear probe on cached features, the method's published protocol"),
+                       ("zeroshot", "image-text models: zero-shot accuracy from class-name prompts")):
         sub = kinds.add_parser(kind, help=text)
         sub.add_argument("source", metavar="RUN_OR_CKPT", help="run directory (its newest checkpoint) or a checkpoint")
-        sub.add_argument("--train", required=True, help="labelled training shards (pattern, or quickstart:train)")
-        sub.add_argument("--val", required=True, help="labelled validation shards")
+        if kind != "zeroshot":
+            sub.add_argument("--train", required=True, help="labelled training shards (pattern, or quickstart:train)")
+        sub.add_argument("--val", required=True, help="labelled validation shards (an index.json names the classes)")
         sub.add_argument("--extract-batch", type=int, default=256, help="images per rank per extraction batch")
         sub.add_argument("--workers", type=int, default=2, help="data workers per rank")
+        if kind == "zeroshot":
+            sub.set_defaults(run=_eval)
+            continue
         sub.add_argument("--projector-layers", type=int, default=0, metavar="K",
                          help="features after the first K projector layers (SimCLR v2: 1); default: the backbone")
         if kind == "knn":

@@ -29,7 +29,7 @@ from bigssl.data.views import view_grid
 from bigssl.distributed import comm
 from bigssl.distributed import env as env_lib
 from bigssl.distributed.engines import build_engine
-from bigssl.eval import attention, knn
+from bigssl.eval import attention, knn, zeroshot
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
 from bigssl.monitor import Monitor
@@ -109,6 +109,7 @@ class Trainer:
         self.checkpoints = Checkpointer(self.run_dir, config.checkpoint.keep, self.env.is_main)
         self.progress = Progress()
         self.collapse_watch = health.CollapseWatch()
+        self._zero_shot_note_given = False
         self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
 
@@ -185,7 +186,30 @@ class Trainer:
         if final and self.env.is_main:
             keep = min(len(val.labels), self.config.eval.projector_samples)
             monitor.embedding("embeddings/val", val.features[:keep], val.labels[:keep].tolist(), step)
+        if self._zero_shot_ready(monitor):
+            zero_shot = self._zero_shot()
+            monitor.log(step, {"zeroshot/top1": zero_shot["top1"], "zeroshot/top5": zero_shot["top5"]})
+            scores = {**scores, "zeroshot_top1": zero_shot["top1"], "zeroshot_top5": zero_shot["top5"]}
         return scores
+
+    def _zero_shot_ready(self, monitor: Monitor) -> bool:
+        """Image–text methods are scored zero-shot where the engine holds whole parameters;
+        sharded ones are scored offline (`bigssl eval zeroshot`), which merges any checkpoint."""
+        if not hasattr(self.method, "encode_text"):
+            return False
+        engine = self.config.engine
+        if engine.kind == "ddp" or (engine.kind == "deepspeed" and engine.zero_stage < 3):
+            return True
+        if not self._zero_shot_note_given:
+            monitor.message(f"bigssl: zero-shot is not scored during training under engine.kind={engine.kind} "
+                            "(sharded parameters); run `bigssl eval zeroshot RUN --val SHARDS` on a checkpoint")
+            self._zero_shot_note_given = True
+        return False
+
+    def _zero_shot(self) -> dict[str, float]:
+        data, ev = self.config.data, self.config.eval
+        return zeroshot.zero_shot(self.method, self.val_shards, "data.val", data.views, self.data.photometric.normalize,
+                                  ev.batch_size, data.workers, self.device, data.timeout_s)
 
     def _fixed_images(self, count: int = 4) -> torch.Tensor:
         """The first `count` validation images in their evaluation view (uint8), the same at every evaluation."""
@@ -201,6 +225,11 @@ class Trainer:
             scores = self._knn()
             self.progress.knn["random_init"] = scores["top1"]
             monitor.log(0, {"knn/random_init_top1": scores["top1"], "knn/random_init_top5": scores["top5"]})
+            if self._zero_shot_ready(monitor):
+                zero_shot = self._zero_shot()
+                self.progress.knn["random_init_zeroshot"] = zero_shot["top1"]
+                monitor.log(0, {"zeroshot/random_init_top1": zero_shot["top1"],
+                                "zeroshot/random_init_top5": zero_shot["top5"]})
         if ev.knn_pixels:
             scores = self._knn(torch.nn.Flatten())
             self.progress.knn["pixels"] = scores["top1"]
@@ -340,12 +369,21 @@ class Trainer:
 
     def _summary(self, step: int, scores: dict[str, float]) -> str:
         ev = self.config.eval
-        rows = [(name.replace("_", " "), value) for name, value in sorted(self.progress.knn.items())]
-        rows.append((f"trained, step {step}", scores["top1"]))
-        width = max(len(name) for name, _ in rows)
-        lines = [f"kNN top-1 (k={ev.knn_k}, T={ev.knn_temperature}) of {self.config.data.val}:"]
-        lines += [f"  {name:<{width}}  {value:.4f}" for name, value in rows]
+        baselines = {name: value for name, value in self.progress.knn.items() if not name.endswith("_zeroshot")}
+        lines = self._table(f"kNN top-1 (k={ev.knn_k}, T={ev.knn_temperature}) of {self.config.data.val}:",
+                            baselines, f"trained, step {step}", scores["top1"])
+        if "zeroshot_top1" in scores:
+            zero_shot = {name.removesuffix("_zeroshot"): value for name, value in self.progress.knn.items()
+                         if name.endswith("_zeroshot")}
+            lines += self._table(f"zero-shot top-1 (class-name prompts) of {self.config.data.val}:", zero_shot,
+                                 f"trained, step {step}", scores["zeroshot_top1"])
         return "\n".join(lines)
+
+    @staticmethod
+    def _table(title: str, baselines: dict[str, float], name: str, value: float) -> list[str]:
+        rows = [(key.replace("_", " "), score) for key, score in sorted(baselines.items())] + [(name, value)]
+        width = max(len(key) for key, _ in rows)
+        return [title] + [f"  {key:<{width}}  {score:.4f}" for key, score in rows]
 
 
 def train(config: Config) -> dict[str, float]:

@@ -94,3 +94,50 @@ def test_invaspread_on_two_ranks_equals_one_process(tmp_path: Path):
         rows = slice(rank * B, (rank + 1) * B)
         torch.testing.assert_close(result["grad"] / 2, single["grad"][rows], atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(result["grad_hat"] / 2, single["grad_hat"][rows], atol=1e-6, rtol=1e-4)
+
+
+def _clip_plain(image: torch.Tensor, text: torch.Tensor, scale: float) -> float:
+    unit = lambda rows: [[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in rows.tolist()]  # noqa: E731
+    images, texts = unit(image), unit(text)
+    n = len(images)
+    logits = [[scale * sum(a * b for a, b in zip(images[i], texts[j], strict=True)) for j in range(n)]
+              for i in range(n)]
+    rows = sum(math.log(sum(math.exp(x) for x in logits[i])) - logits[i][i] for i in range(n)) / n
+    columns = sum(math.log(sum(math.exp(logits[j][i]) for j in range(n))) - logits[i][i] for i in range(n)) / n
+    return (rows + columns) / 2
+
+
+def test_clip_loss_matches_the_formula():
+    image, text = _rand(B, D, seed=7), _rand(B, D, seed=8)
+    assert losses.clip_loss(image, text, 14.0).item() == pytest.approx(_clip_plain(image, text, 14.0), rel=1e-5)
+
+
+def _clip_with_grads(image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+    image, text = image.clone().requires_grad_(True), text.clone().requires_grad_(True)
+    log_scale = torch.tensor(2.0, requires_grad=True)
+    loss = losses.clip_loss(image, text, log_scale.exp())
+    loss.backward()
+    return {"loss": loss.detach(), "image": image.grad, "text": text.grad, "scale": log_scale.grad}
+
+
+def _clip_worker(rank: int, world_size: int, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    image, text = _rand(2 * B, D, seed=9), _rand(2 * B, D, seed=10)
+    rows = slice(rank * B, (rank + 1) * B)
+    torch.save(_clip_with_grads(image[rows], text[rows]), out / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_clip_loss_on_two_ranks_equals_one_process(tmp_path: Path):
+    """Both sides gathered with gradient: the mean of the ranks' losses is the global loss, and
+    every gradient (embeddings and the temperature) is W × the one-process one before the
+    engine averages over ranks."""
+    run_distributed(_clip_worker, 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _clip_with_grads(_rand(2 * B, D, seed=9), _rand(2 * B, D, seed=10))
+    assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(single["loss"].item(), rel=1e-5)
+    assert ((ranks[0]["scale"] + ranks[1]["scale"]) / 2).item() == pytest.approx(single["scale"].item(), rel=1e-4)
+    for rank, result in enumerate(ranks):
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(result["image"] / 2, single["image"][rows], atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(result["text"] / 2, single["text"][rows], atol=1e-6, rtol=1e-4)

@@ -7,7 +7,6 @@ from helpers import run_cli
 
 from bigssl.data import build as build_module
 from bigssl.data.build import Options, build
-from bigssl.data.decode import decode_text
 from bigssl.data.shards import resolve
 from bigssl.data.stream import ShardStream, StreamSpec
 from bigssl.data.write import Sample, write_shards
@@ -31,7 +30,7 @@ def test_writer_refuses_to_mix_datasets(tmp_path: Path):
 
 def raw_samples(shard_pattern: str) -> list[dict]:
     def fields(sample: dict) -> dict:
-        return {"key": sample["__key__"], "cls": int(sample["cls"]), "text": decode_text(sample),
+        return {"key": sample["__key__"], "cls": int(sample["cls"]), "text": sample.get("txt", b"").decode(),
                 "jpg": "jpg" in sample}
 
     stream = ShardStream(resolve(shard_pattern), fields, StreamSpec(mode="exact", shuffle_buffer=0, interleave=1))

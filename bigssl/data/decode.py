@@ -67,4 +67,8 @@ def decode_label(sample: dict[str, Any], required: bool) -> int:
 
 
 def decode_text(sample: dict[str, Any]) -> str:
-    return sample["txt"].decode("utf-8", errors="replace") if "txt" in sample else ""
+    """The caption of an image–text pair; a pair without one is skipped (and counted), not
+    trained on with an empty caption."""
+    if "txt" not in sample:
+        raise BadSample("missing_text")
+    return sample["txt"].decode("utf-8", errors="replace")

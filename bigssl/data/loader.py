@@ -61,9 +61,16 @@ def _cat(parts: list[Any]) -> Any:
         return torch.cat(parts)
     if isinstance(first, dict):
         return {key: _cat([p[key] for p in parts]) for key in first}
+    if _per_sample_strings(first):  # captions: one string per sample
+        return [text for part in parts for text in part]
     if isinstance(first, (list, tuple)):
         return type(first)(_cat([p[i] for p in parts]) for i in range(len(first)))
     raise TypeError(f"cannot batch {type(first).__name__}")
+
+
+def _per_sample_strings(data: Any) -> bool:
+    """A collated list of strings (default_collate keeps captions as a list, one per sample)."""
+    return isinstance(data, list) and bool(data) and all(isinstance(item, str) for item in data)
 
 
 def _slice(data: Any, start: int, end: int) -> Any:
@@ -71,6 +78,8 @@ def _slice(data: Any, start: int, end: int) -> Any:
         return data[start:end]
     if isinstance(data, dict):
         return {key: _slice(value, start, end) for key, value in data.items()}
+    if _per_sample_strings(data):
+        return data[start:end]
     if isinstance(data, (list, tuple)):
         return type(data)(_slice(value, start, end) for value in data)
     raise TypeError(f"cannot slice {type(data).__name__}")

@@ -17,7 +17,7 @@ from bigssl.data.stream import ShardStream, StreamSpec, check_exact_split, sampl
 from bigssl.data.views import EvalGeometry, Geometry, Photometric
 from bigssl.errors import ConfigError
 
-SKIP_REASONS = ("decode_error", "no_image", "missing_label", "bad_label", "shard_error")
+SKIP_REASONS = ("decode_error", "no_image", "missing_label", "bad_label", "missing_text", "shard_error")
 
 
 class TrainSample:

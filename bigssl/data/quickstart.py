@@ -3,6 +3,8 @@
 `quickstart:train` (10,000 images, 1,000 per class, from the official training split) and
 `quickstart:val` (2,000, from the official test split) are written to tar shards by
 `write_shards` on first use, so the quickstart reads the same kind of files as any other run.
+`quickstart:captions` is the training split as image–text pairs for CLIP: each image with a
+caption made from its class name ("a black and white photo of the sneaker.").
 Licence: FASHION_MNIST_LICENSE.txt beside the data file (MIT, Zalando SE).
 """
 
@@ -23,7 +25,7 @@ from bigssl.data.write import INDEX_NAME, Sample, write_shards
 from bigssl.errors import UserError
 
 SCHEME = "quickstart:"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "captions")
 DATA_FILE = Path(__file__).with_name("fashion_mnist_subset.npz.xz")
 SHARD_SIZE = 1000  # 10 training shards: enough for 2 ranks × several workers
 VERSION = "fmnist-v2"  # v2: shards without per-member pax headers
@@ -47,10 +49,31 @@ def _png_samples(images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
         yield Sample(buffer.getvalue(), "png", int(label))
 
 
+CAPTION_TEMPLATES = ("a photo of the {}.", "a black and white photo of the {}.", "a small picture of the {}.",
+                     "the {} on a plain background.", "a low resolution photo of the {}.", "a grey image of the {}.",
+                     "a cropped photo of the {}.", "a centred photo of the {}.")
+
+
+def readable(class_name: str) -> str:
+    """A class name as words ('t-shirt/top' → 't-shirt or top')."""
+    return class_name.replace("/", " or ")
+
+
+def caption(class_name: str, index: int) -> str:
+    """The caption of training image `index`: a template chosen by the index, the class name."""
+    return CAPTION_TEMPLATES[(index * 5 + 3) % len(CAPTION_TEMPLATES)].format(readable(class_name))
+
+
+def _captioned_samples(images: np.ndarray, labels: np.ndarray, classes: list[str]) -> Iterator[Sample]:
+    for index, sample in enumerate(_png_samples(images, labels)):
+        yield Sample(sample.image, sample.ext, sample.label, caption(classes[sample.label], index))
+
+
 def materialize(split: str) -> Path:
     """Write the split's shards once (safe when several ranks start at the same time)."""
     if split not in SPLITS:
-        raise UserError(f"unknown quickstart split {split!r}; use quickstart:train or quickstart:val")
+        raise UserError(f"unknown quickstart split {split!r}; use quickstart:train, quickstart:val or "
+                        "quickstart:captions")
     target = cache_root() / split
     if (target / INDEX_NAME).exists():
         return target
@@ -62,8 +85,11 @@ def materialize(split: str) -> Path:
             staging = target.with_name(f".{split}.partial-{os.getpid()}")
             shutil.rmtree(staging, ignore_errors=True)
             classes = [str(c) for c in arrays["classes"]]
-            write_shards(_png_samples(arrays[f"{split}_images"], arrays[f"{split}_labels"]),
-                         staging, classes, maxcount=SHARD_SIZE)
+            if split == "captions":
+                samples = _captioned_samples(arrays["train_images"], arrays["train_labels"], classes)
+            else:
+                samples = _png_samples(arrays[f"{split}_images"], arrays[f"{split}_labels"])
+            write_shards(samples, staging, classes, maxcount=SHARD_SIZE)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
     return target

@@ -1,4 +1,5 @@
-"""`bigssl eval knn|linear RUN_OR_CKPT --train SHARDS --val SHARDS`: score a saved backbone.
+"""`bigssl eval knn|linear RUN_OR_CKPT --train SHARDS --val SHARDS`: score a saved backbone;
+`bigssl eval zeroshot RUN_OR_CKPT --val SHARDS`: an image–text model's zero-shot accuracy.
 
 The backbone is rebuilt from the run's config.yaml and merged from any engine's checkpoint in
 each process; features are extracted on every rank (each reads its share of the shards) and
@@ -23,7 +24,7 @@ from bigssl.data.shards import resolve
 from bigssl.data.views import Photometric
 from bigssl.distributed import env as env_lib
 from bigssl.errors import UserError
-from bigssl.eval import knn, linear
+from bigssl.eval import knn, linear, zeroshot
 from bigssl.eval.export import checkpoint_dir
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector, projector_prefix
@@ -110,14 +111,40 @@ def evaluate(kind: str, source: Path, options: EvalOptions) -> dict[str, float]:
     return scores
 
 
+def load_method(saved: SavedRun, device: torch.device) -> nn.Module:
+    """The whole method (both towers of an image–text model), merged from any engine's checkpoint."""
+    from bigssl.distributed.engines.consolidate import method_state
+    from bigssl.methods import build
+
+    method = build(saved.config)
+    state = method_state(saved.checkpoint)
+    missing, _ = method.load_state_dict(state, strict=False)
+    if missing:
+        raise UserError(f"{saved.checkpoint}: does not match method {saved.config.method.name} "
+                        f"(missing {sorted(missing)[:3]})")
+    return method.to(device)
+
+
 def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.device,
               is_main: bool) -> dict[str, float]:
     config = saved.config
-    backbone = load_backbone(saved, device, options.projector_layers)
     views = config.data.views
     args = (views, Photometric(views).normalize, options.extract_batch, options.workers, device,
             config.data.timeout_s)
-    train_shards, val_shards = resolve(options.train, "--train"), resolve(options.val, "--val")
+    val_shards = resolve(options.val, "--val")
+    if kind == "zeroshot":
+        method = load_method(saved, device)
+        if not hasattr(method, "encode_text"):
+            raise UserError(f"eval zeroshot: method {config.method.name} has no text tower (an image-text "
+                            "method such as clip has)")
+        result = zeroshot.zero_shot(method, val_shards, "--val", *args)
+        record = {"eval/zeroshot_top1": result["top1"], "eval/zeroshot_top5": result["top5"]}
+        if is_main:
+            _report(saved, f"zero-shot (prompts: {', '.join(zeroshot.PROMPTS)})", record, n_train=0,
+                    n_val=result["samples"])
+        return record
+    backbone = load_backbone(saved, device, options.projector_layers)
+    train_shards = resolve(options.train, "--train")
     if kind == "knn":
         train = knn.extract(backbone, train_shards, *args)
         val = knn.extract(backbone, val_shards, *args)
@@ -150,7 +177,7 @@ def _report(saved: SavedRun, title: str, record: dict[str, float], n_train: int,
         monitor.log(saved.step, record)
     finally:
         monitor.close()
-    kind = "linear" if any(k.startswith("eval/linear") for k in record) else "knn"
+    kind = next(k for k in ("linear", "zeroshot", "knn") if any(name.startswith(f"eval/{k}") for name in record))
     rows = [(name.removeprefix(f"eval/{kind}_"), value) for name, value in record.items()]
     width = max(len(name) for name, _ in rows)
     print(f"{saved.checkpoint} (step {saved.step}): {title}")

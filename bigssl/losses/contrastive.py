@@ -123,3 +123,29 @@ def nce_loss(scores: torch.Tensor, log_normaliser: torch.Tensor | float, populat
     log_h_positive = log_p[:, 0] - log_denominator[:, 0]
     log_not_noise = log_noise - log_denominator[:, 1:]  # log(1 − h) = log(m/n) − log(P + m/n)
     return -(log_h_positive + log_not_noise.sum(dim=1)).mean()
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor | float,
+              gather: bool = True) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE (Radford et al. 2021, Fig. 3): image and text embeddings `[B, D]`
+    of B pairs, normalised here; logits = scale · I Tᵀ over the global batch; the mean of the
+    cross-entropies along rows (image → its caption) and columns (caption → its image).
+
+    Cross-rank: both sides are gathered *with* gradient and each rank scores only its own rows
+    (its images against all captions, its captions against all images): the mean over ranks is
+    the global loss and, after the engine's average, the gradients are the one-process ones.
+    `logit_scale` is the multiplier itself (exp of the learned log-scale, clamped by the caller).
+    """
+    if image.shape != text.shape or image.ndim != 2:
+        raise ValueError(f"clip_loss expects image and text embeddings of one [B, D] shape, got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}")
+    image, text = F.normalize(image.float(), dim=1), F.normalize(text.float(), dim=1)
+    offset = 0
+    all_image, all_text = image, text
+    if gather and comm.is_distributed():
+        offset = comm.rank() * len(image)
+        all_image, all_text = comm.gather_with_grad(image), comm.gather_with_grad(text)
+    labels = offset + torch.arange(len(image), device=image.device)
+    per_image = logit_scale * image @ all_text.T
+    per_text = logit_scale * text @ all_image.T
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
