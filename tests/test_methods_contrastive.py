@@ -15,7 +15,7 @@ from helpers import run_distributed
 
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.instdisc import noise_ids
+from bigssl.methods.memory_bank import noise_ids
 
 NO_BN = "model.projector.batch_norm=false"
 
@@ -98,7 +98,7 @@ def id_batch(rank: int, step: int, world_size: int = 2) -> dict:
 def test_instdisc_nce_loss_z_and_bank_update_follow_the_formulas():
     engine = instdisc("optim.lr=0")
     method, tau, m = engine.method, 0.07, 6
-    bank = method.bank.clone()
+    bank = method.memory.bank.clone()
     assert bank.shape == (BANK, 16) and torch.allclose(bank.norm(dim=1), torch.ones(BANK))
     batch = id_batch(0, 0, world_size=1)
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_instdisc_nce_loss_z_and_bank_update_follow_the_formulas():
     scores = [[float(f[i] @ bank[batch["id"][i]]) / tau] + [float(f[i] @ bank[j]) / tau for j in noise[i]]
               for i in range(BATCH)]
     z = BANK * sum(math.exp(s) for row in scores for s in row) / (BATCH * (m + 1))
-    assert float(method.normaliser) == pytest.approx(z, rel=1e-5)
+    assert float(method.memory.normaliser) == pytest.approx(z, rel=1e-5)
     expected = 0.0
     for row in scores:
         p = [math.exp(s) / z for s in row]
@@ -116,18 +116,18 @@ def test_instdisc_nce_loss_z_and_bank_update_follow_the_formulas():
         expected -= math.log(h[0]) + sum(math.log(1 - x) for x in h[1:])
     assert loss == pytest.approx(expected / BATCH, rel=1e-5)
     for i, index in enumerate(batch["id"].tolist()):  # v ← normalise(0.5·v + 0.5·f)
-        torch.testing.assert_close(method.bank[index], F.normalize(0.5 * bank[index] + 0.5 * f[i], dim=0))
+        torch.testing.assert_close(method.memory.bank[index], F.normalize(0.5 * bank[index] + 0.5 * f[i], dim=0))
     untouched = [i for i in range(BANK) if i not in batch["id"].tolist()]
-    torch.testing.assert_close(method.bank[untouched], bank[untouched], atol=0, rtol=0)
+    torch.testing.assert_close(method.memory.bank[untouched], bank[untouched], atol=0, rtol=0)
     engine.forward(id_batch(0, 1, world_size=1), 1)
-    assert float(method.normaliser) == pytest.approx(z, rel=1e-5)  # estimated once, then frozen
+    assert float(method.memory.normaliser) == pytest.approx(z, rel=1e-5)  # estimated once, then frozen
 
 
 @pytest.mark.parametrize("negatives", [6, 0])
 def test_instdisc_softmax_variant_is_cross_entropy_over_the_sampled_or_whole_bank(negatives: int):
     engine = instdisc("method.loss=softmax", f"method.negatives={negatives}")
     method, tau = engine.method, 0.07
-    bank = method.bank.clone()
+    bank = method.memory.bank.clone()
     batch = id_batch(0, 0, world_size=1)
     with torch.no_grad():
         f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
@@ -145,7 +145,7 @@ def test_instdisc_softmax_variant_is_cross_entropy_over_the_sampled_or_whole_ban
 
 def test_instdisc_without_sample_ids_is_a_config_error():
     engine = instdisc()
-    with pytest.raises(ConfigError, match="data.train: InstDisc needs global sample ids"):
+    with pytest.raises(ConfigError, match="data.train: the memory bank needs global sample ids"):
         engine.forward({**rank_batch(0, 0), "id": torch.full((BATCH,), -1)}, 0)
 
 
@@ -153,7 +153,8 @@ def _instdisc_ranks(rank: int, world_size: int, out: Path) -> None:
     assert comm.world_size() == world_size == 2
     engine = instdisc(world_size=2, rank=rank)
     result = train_steps(engine, range(3), lambda step: id_batch(rank, step))
-    save_result(out, rank, {**result, "bank": engine.method.bank.clone(), "z": engine.method.normaliser.clone()})
+    memory = engine.method.memory
+    save_result(out, rank, {**result, "bank": memory.bank.clone(), "z": memory.normaliser.clone()})
 
 
 @pytest.mark.distributed
@@ -168,8 +169,75 @@ def test_instdisc_bank_is_identical_on_every_rank_and_equals_one_process(tmp_pat
     both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)],  # noqa: E731
                          "id": torch.cat([id_batch(r, step)["id"] for r in range(2)])}
     one = train_steps(engine, range(3), both)
-    torch.testing.assert_close(ranks[0]["bank"], engine.method.bank, atol=1e-5, rtol=0)
-    assert float(ranks[0]["z"]) == pytest.approx(float(engine.method.normaliser), rel=1e-5)
+    torch.testing.assert_close(ranks[0]["bank"], engine.method.memory.bank, atol=1e-5, rtol=0)
+    assert float(ranks[0]["z"]) == pytest.approx(float(engine.method.memory.normaliser), rel=1e-5)
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
     torch.testing.assert_close(torch.tensor(mean), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
     assert len(set(one["losses"])) == 3
+
+
+def cmc(*extra: str):
+    keys = ["cmc", f"optim.batch_size={BATCH}", "data.views.policy=cmc", "model.projector.layers=1",
+            "model.projector.batch_norm=false", "method.negatives=6", *extra]
+    return setup(make_config(*keys), 0, 1, data_size=BANK)
+
+
+def lab_batch(step: int = 0) -> dict:
+    generator = torch.Generator().manual_seed(step)
+    lab = torch.rand(BATCH, 3, 32, 32, generator=generator) * 2 - 1
+    return {"views": [lab[None, :, :1], lab[None, :, 1:]], "id": torch.arange(BATCH) + 3, "lab": lab}
+
+
+def _cmc_views(method, lab: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [F.normalize(head(encoder(part)), dim=1) for encoder, head, part in
+                zip(method.backbone.encoders, method.projectors, lab.split([1, 2], dim=1), strict=True)]
+
+
+def test_cmc_in_batch_objective_is_the_sum_of_both_directions():
+    engine = cmc("method.objective=batch")
+    batch = lab_batch()
+    l_view, ab_view = (v.tolist() for v in _cmc_views(engine.method, batch["lab"]))
+    loss = engine.forward(batch, 0)["loss"].item()
+    tau, expected = 0.07, 0.0
+    for i in range(BATCH):
+        to_ab = [sum(a * b for a, b in zip(l_view[i], ab_view[j], strict=True)) / tau for j in range(BATCH)]
+        to_l = [sum(a * b for a, b in zip(ab_view[i], l_view[j], strict=True)) / tau for j in range(BATCH)]
+        expected += math.log(sum(map(math.exp, to_ab))) - to_ab[i] + math.log(sum(map(math.exp, to_l))) - to_l[i]
+    assert loss == pytest.approx(expected / BATCH, rel=1e-5)
+
+
+def test_cmc_bank_objective_contrasts_each_view_with_the_other_views_bank():
+    engine = cmc("method.loss=softmax", "optim.lr=0")
+    method = engine.method
+    banks = [m.bank.clone() for m in method.memories]
+    batch = lab_batch()
+    views = _cmc_views(method, batch["lab"])
+    loss = engine.forward(batch, 0)["loss"].item()
+    noise = noise_ids(0, 0, BANK, 6, BATCH)
+    expected = 0.0
+    for view, other_bank in ((views[0], banks[1]), (views[1], banks[0])):  # L vs ab's bank, ab vs L's bank
+        for i, index in enumerate(batch["id"].tolist()):
+            logits = [float(view[i] @ other_bank[index]) / 0.07] + [float(view[i] @ other_bank[j]) / 0.07
+                                                                    for j in noise[i]]
+            expected += math.log(sum(map(math.exp, logits))) - logits[0]
+    assert loss == pytest.approx(expected / BATCH, rel=1e-5)
+    for memory, view, bank in zip(method.memories, views, banks, strict=True):  # each bank keeps its own view
+        for i, index in enumerate(batch["id"].tolist()):
+            torch.testing.assert_close(memory.bank[index], F.normalize(0.5 * bank[index] + 0.5 * view[i], dim=0))
+
+
+def test_cmc_trunk_concatenates_the_l_and_ab_encoders_on_a_lab_image():
+    from bigssl.data.views import Photometric, rgb_to_lab
+
+    method = cmc().method
+    rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    lab = Photometric(method.config.data.views).normalize(rgb)  # the evaluation input of the cmc policy
+    expected_l = (rgb_to_lab(rgb)[:, :1] - 50) / 50  # L in [0, 100] → [-1, 1]
+    torch.testing.assert_close(lab[:, :1], expected_l, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        joint = method.backbone(lab)
+        parts = [encoder(x) for encoder, x in zip(method.backbone.encoders, lab.split([1, 2], dim=1), strict=True)]
+    torch.testing.assert_close(joint, torch.cat(parts, dim=1))
+    with pytest.raises(ConfigError, match="data.views.policy: method cmc needs the cmc policy"):
+        setup(make_config("cmc", "data.views.policy=simclr"), 0, 1, data_size=BANK)

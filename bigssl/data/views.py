@@ -124,9 +124,13 @@ class Photometric:
         self.std = views.std
 
     def normalize(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, C, H, W] in [0, 1] → normalised, channels-last (into `out` when given)."""
+        """[N, C, H, W] in [0, 1] → normalised, channels-last (into `out` when given); the
+        evaluation input of a Lab policy (CMC) is the normalised Lab image."""
         if out is None:
             out = torch.empty_like(x, memory_format=torch.channels_last)
+        return (self._to_lab if self.groups[0].output == "lab" else self._normalize_rgb)(x, out)
+
+    def _normalize_rgb(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         if not self.mean:
             return out.copy_(x)
         mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -149,7 +153,7 @@ class Photometric:
             for part in _chunks(rows.shape[0], rows.shape[-2] * rows.shape[-1], rows.device):
                 x = rows[part].to(torch.float32, memory_format=torch.contiguous_format).div_(255)
                 x = ph.augment(x, params.rows(part), spec.blur_kernel, spec.grayscale_first)
-                (self._to_lab if spec.output == "lab" else self.normalize)(x, out=result[part])
+                (self._to_lab if spec.output == "lab" else self._normalize_rgb)(x, out=result[part])
             if spec.output == "lab":  # CMC: L and ab are two views
                 out += [result[:, :1].unflatten(0, (count, batch)), result[:, 1:].unflatten(0, (count, batch))]
             else:
