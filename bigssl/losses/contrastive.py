@@ -149,3 +149,30 @@ def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor
     per_image = logit_scale * image @ all_text.T
     per_text = logit_scale * text @ all_image.T
     return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+
+
+def cpc_loss(predictions: list[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """CPC's InfoNCE over a grid of patch codes (van den Oord et al. 2018 §2–3; Hénaff et al.
+    2019). z `[B, D, G, G]`: the code of every patch (row, column) of B images; predictions[k−1]
+    `[B, D, G, G]`: at (i, j), the prediction W_k c_{i,j} of z_{i+k, j}, made from a context that
+    saw rows ≤ i only. Each prediction of a patch that exists (i + k < G) scores its target
+    against every patch of every image in the batch (other positions of its own image and all
+    of the others are the negatives); cross-entropy, mean over queries, then over k. Local to
+    the rank (CPC's negatives are the per-device batch)."""
+    batch, dim, grid, _ = z.shape
+    candidates = z.permute(0, 2, 3, 1).reshape(-1, dim).float()  # row-major: b, i, j
+    image = torch.arange(batch, device=z.device)[:, None, None]
+    rows = torch.arange(grid, device=z.device)[None, :, None]
+    cols = torch.arange(grid, device=z.device)[None, None, :]
+    total = z.new_zeros((), dtype=torch.float32)
+    used = 0
+    for k, prediction in enumerate(predictions, start=1):
+        if k >= grid:
+            break
+        queries = prediction[:, :, : grid - k, :].permute(0, 2, 3, 1).reshape(-1, dim).float()
+        targets = (image * grid * grid + (rows[:, : grid - k] + k) * grid + cols).reshape(-1)
+        total = total + F.cross_entropy(queries @ candidates.T, targets)
+        used += 1
+    if not used:
+        raise ValueError(f"cpc_loss: a {grid} × {grid} grid leaves nothing to predict {len(predictions)} rows ahead")
+    return total / used
