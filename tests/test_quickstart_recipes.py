@@ -5,11 +5,12 @@ default options deselect them). With BIGSSL_QUICKSTART_RUNS=DIR each recipe trai
 DIR/<recipe> instead of a temporary directory, so a run finished earlier with the same command
 is resumed at its last step (the final kNN is taken again) rather than retrained.
 
-Each asserts what a recipe that learns must show: the std of the L2-normalised embeddings above
-0.5/√d over the last log steps; for the distillation methods (DINO, SwAV) the loss clear of the
-uniform prediction's ln K and targets sharper than uniform; weighted kNN of the held-out images
-above the random-init backbone's and, for image–text methods (CLIP), zero-shot accuracy above
-the random-init model's.
+Each asserts what a recipe that learns must show: for the methods whose objective has no
+negatives to push embeddings apart (and MoCo v3, which shares their heads), the std of the
+L2-normalised embeddings above 0.5/√d over the last log steps; for the distillation methods
+(DINO, SwAV) the loss clear of the uniform prediction's ln K and targets sharper than uniform;
+for every recipe, weighted kNN of the held-out images above the random-init backbone's and, for
+image–text methods (CLIP), zero-shot accuracy above the random-init model's.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ pytestmark = pytest.mark.quickstart
 
 RECIPES = sorted((REPO / "recipes" / "quickstart").glob("*.yaml"))
 KNN_GAIN = 0.05  # over the random-init backbone (0.518); pixels score 0.8275
+# Methods that can collapse to a point: no negatives (BYOL, SimSiam, Barlow Twins), or targets
+# they make themselves (SwAV, DINO); MoCo v3 with them (issue 7's set).
+COLLAPSE_CHECKED = {"byol", "simsiam", "barlow", "swav", "dino", "mocov3"}
 LAST_LOGS = 10
 
 
@@ -36,9 +40,10 @@ def test_quickstart_recipe_learns_without_collapse(tmp_path: Path, recipe: Path)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r][-LAST_LOGS:]
-    std = sum(r["health/embedding_std"] for r in steps) / len(steps)
-    floor = 2.5 * steps[-1]["health/embedding_std_floor"]  # the trainer's floor is 0.2/√d
-    assert std > floor, f"embedding std {std:.4f} under 0.5/√d = {floor:.4f}"
+    if recipe.stem in COLLAPSE_CHECKED:
+        std = sum(r["health/embedding_std"] for r in steps) / len(steps)
+        floor = 2.5 * steps[-1]["health/embedding_std_floor"]  # the trainer's floor is 0.2/√d
+        assert std > floor, f"embedding std {std:.4f} under 0.5/√d = {floor:.4f}"
     if "uniform_loss" in steps[-1]:
         # Uniform collapse leaves the loss at ln K with uniform targets: the loss must sit at least
         # 5 % away from ln K and the targets (teacher, codes) must be clearly sharper than uniform.
