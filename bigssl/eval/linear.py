@@ -51,6 +51,8 @@ PROTOCOLS: dict[str, Protocol] = {
     "mocov3": Protocol(0.1, 1024, 90, source="moco-v3 main_lincls.py (ResNet; ViT: 3 x BS/256)"),
     "dino": Protocol(0.001, 1024, 100, source="dino eval_linear.py"),
     "cmc": Protocol(30.0, 256, 60, scale_lr=False, milestones=(30, 40, 50), source="CMC LinearProbing.py"),
+    # MoCo §4.1 compares InstDisc under its own protocol (54.3 with NCE, K = 4096).
+    "instdisc": Protocol(30.0, 256, 100, scale_lr=False, milestones=(60, 80), source="moco main_lincls.py"),
 }
 DEFAULT = PROTOCOLS["simclr"]
 
