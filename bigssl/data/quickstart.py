@@ -4,7 +4,9 @@
 `quickstart:val` (2,000, from the official test split) are written to tar shards by
 `write_shards` on first use, so the quickstart reads the same kind of files as any other run.
 `quickstart:captions` is the training split as image–text pairs for CLIP: each image with a
-caption made from its class name ("a black and white photo of the sneaker.").
+caption made from its class name ("a black and white photo of the sneaker."). `quickstart:
+colour-train` and `quickstart:colour-val` are the two splits read through a fixed colour map,
+for CMC: in a grey image the ab channels of Lab are zero and carry nothing to contrast with L.
 Licence: FASHION_MNIST_LICENSE.txt beside the data file (MIT, Zalando SE).
 """
 
@@ -25,7 +27,7 @@ from bigssl.data.write import INDEX_NAME, Sample, write_shards
 from bigssl.errors import UserError
 
 SCHEME = "quickstart:"
-SPLITS = ("train", "val", "captions")
+SPLITS = ("train", "val", "captions", "colour-train", "colour-val")
 DATA_FILE = Path(__file__).with_name("fashion_mnist_subset.npz.xz")
 SHARD_SIZE = 1000  # 10 training shards: enough for 2 ranks × several workers
 VERSION = "fmnist-v2"  # v2: shards without per-member pax headers
@@ -46,6 +48,21 @@ def _png_samples(images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
     for image, label in zip(images, labels, strict=True):
         buffer = io.BytesIO()
         Image.fromarray(image, mode="L").save(buffer, format="PNG")
+        yield Sample(buffer.getvalue(), "png", int(label))
+
+
+def colour_map(grey: np.ndarray) -> np.ndarray:
+    """uint8 grey [H, W] → uint8 RGB [H, W, 3]: dark blue through green to light yellow, so that
+    lightness and chroma (L and ab) both follow the grey level (a fixed map, no randomness)."""
+    v = grey.astype(np.float32) / 255
+    rgb = np.stack([v**0.5, v, 0.85 * (1 - v) + 0.15 * v], axis=-1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def _colour_samples(images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
+    for image, label in zip(images, labels, strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(colour_map(image), mode="RGB").save(buffer, format="PNG")
         yield Sample(buffer.getvalue(), "png", int(label))
 
 
@@ -72,8 +89,8 @@ def _captioned_samples(images: np.ndarray, labels: np.ndarray, classes: list[str
 def materialize(split: str) -> Path:
     """Write the split's shards once (safe when several ranks start at the same time)."""
     if split not in SPLITS:
-        raise UserError(f"unknown quickstart split {split!r}; use quickstart:train, quickstart:val or "
-                        "quickstart:captions")
+        raise UserError(f"unknown quickstart split {split!r}; use one of "
+                        f"{', '.join('quickstart:' + name for name in SPLITS)}")
     target = cache_root() / split
     if (target / INDEX_NAME).exists():
         return target
@@ -87,6 +104,9 @@ def materialize(split: str) -> Path:
             classes = [str(c) for c in arrays["classes"]]
             if split == "captions":
                 samples = _captioned_samples(arrays["train_images"], arrays["train_labels"], classes)
+            elif split.startswith("colour-"):
+                source = split.removeprefix("colour-")
+                samples = _colour_samples(arrays[f"{source}_images"], arrays[f"{source}_labels"])
             else:
                 samples = _png_samples(arrays[f"{split}_images"], arrays[f"{split}_labels"])
             write_shards(samples, staging, classes, maxcount=SHARD_SIZE)
