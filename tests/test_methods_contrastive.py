@@ -131,7 +131,9 @@ def test_instdisc_softmax_variant_is_cross_entropy_over_the_sampled_or_whole_ban
     batch = id_batch(0, 0, world_size=1)
     with torch.no_grad():
         f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
-    loss = engine.forward(batch, 0)["loss"].item()
+    out = engine.forward(batch, 0)
+    engine.backward(out["loss"])  # after the bank's in-place update: the loss kept what it read
+    loss = out["loss"].item()
     candidates = noise_ids(0, 0, BANK, negatives, BATCH) if negatives else [list(range(BANK))] * BATCH
     expected = 0.0
     for i, index in enumerate(batch["id"].tolist()):

@@ -59,7 +59,8 @@ class MemoryBank(nn.Module):
         return torch.cat([positive, others], dim=1) / temperature
 
     def all_scores(self, f: torch.Tensor, temperature: float) -> torch.Tensor:
-        return f @ self.bank.T / temperature
+        # A copy: backward needs the bank as it was, and `update` writes into it before that.
+        return f @ self.bank.clone().T / temperature
 
     def nce(self, scores: torch.Tensor) -> torch.Tensor:
         """NCE with Z = n · mean exp(score), estimated at the first call over every rank's scores."""
