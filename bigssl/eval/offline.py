@@ -26,8 +26,7 @@ from bigssl.distributed import env as env_lib
 from bigssl.errors import UserError
 from bigssl.eval import knn, linear, zeroshot
 from bigssl.eval.export import checkpoint_dir
-from bigssl.models.backbones import build_backbone, feature_dim
-from bigssl.models.heads import projector, projector_prefix
+from bigssl.models.heads import projector_prefix
 from bigssl.monitor import Monitor
 
 
@@ -65,19 +64,24 @@ def locate(source: Path) -> SavedRun:
 
 
 def load_backbone(saved: SavedRun, device: torch.device, projector_layers: int = 0) -> nn.Module:
-    """The trained backbone; with `projector_layers` > 0, followed by that many layers of the
-    method's projector (rebuilt from model.projector and loaded from the same checkpoint)."""
+    """The trained trunk, as the run's method builds it (CMC's is two encoders); with
+    `projector_layers` > 0, followed by that many layers of the method's projector, all loaded
+    from the same checkpoint."""
     from bigssl.distributed.engines.consolidate import method_state
+    from bigssl.methods import build
 
-    backbone = build_backbone(saved.config.model)
+    method = build(saved.config)
     try:
         state = method_state(saved.checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
+    backbone = method.backbone
     _load_part(backbone, state, "backbone.", saved, f"model.backbone={saved.config.model.backbone}")
     if not projector_layers:
         return backbone.to(device)
-    head = projector(feature_dim(backbone), saved.config.model.projector)
+    head = getattr(method, "projector", None)
+    if not isinstance(head, nn.Sequential):
+        raise UserError(f"--projector-layers: method {saved.config.method.name} has no projector")
     _load_part(head, state, "projector.", saved, "model.projector")
     try:
         layers = projector_prefix(head, projector_layers)
