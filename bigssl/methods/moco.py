@@ -73,6 +73,7 @@ class MoCo(Method):
         q = self.projector(features)
         with torch.no_grad():
             own_keys, all_keys = self._keys(views[1], step)
+        # A copy of the queue: the enqueue below writes into it before backward reads it.
         loss = losses.info_nce(q, own_keys, method.temperature, queue=self.queue.clone())
         self._enqueue(F.normalize(all_keys.float(), dim=1))
         return {"loss": loss, "features": features, "embedding": q.detach(),
