@@ -21,16 +21,21 @@ def _train(args: argparse.Namespace) -> int:
         print(config_lib.to_yaml(config), end="")
         return 0
     from bigssl.distributed.env import detect
+    from bigssl.preemption import Stopped
     from bigssl.train import train
 
-    train(config)
+    code = 0
+    try:
+        train(config)
+    except Stopped as stop:  # checkpoint written (and the SLURM job requeued): resumable
+        code = stop.exit_code
     if detect().distributed:
         # torch 2.14 + gloo can abort in its exit handlers after all work is done
         # (reference/stack.md); the run is complete and flushed, so leave without them.
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(0)
-    return 0
+        os._exit(code)
+    return code
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -121,6 +121,9 @@ class OptimConfig:
     lars_eta: float = 0.001
     clip_grad: float = 0.0  # max global gradient norm; 0 = off
     clip_grad_per_parameter: bool = False  # clip each parameter's gradient norm alone (DINO's official clipping)
+    # A step whose loss is not finite (on any rank) is skipped and logged; this many in a row
+    # stop the run, its last checkpoint kept.
+    nonfinite_limit: int = 10
 
 
 @dataclass
@@ -130,7 +133,10 @@ class EngineConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast + dynamic loss scaling; GPU only)
     backend: str = "auto"  # auto = nccl with GPUs, gloo without
     sync_bn: bool = False
-    timeout_s: float = 1800.0
+    timeout_s: float = 1800.0  # collectives (NCCL waits this long for a dead peer)
+    # A rank whose heartbeat stops this long is reported by rank and host, and the others exit
+    # (0 = off). Generous: a rank holding Python's lock in a long save must not look dead.
+    dead_rank_timeout_s: float = 120.0
     activation_checkpointing: bool = False  # recompute the backbone's blocks in backward (timm models)
     compile: bool = False  # torch.compile the backbone (ddp and fsdp engines)
     loss_scale_init: float = 65536.0  # fp16: the first dynamic loss scale, a power of two
@@ -149,6 +155,9 @@ class CheckpointConfig:
     every_steps: int = 500  # 0 = only at the end of each epoch
     keep: int = 2
     resume: bool = True  # resume from the newest checkpoint in log.dir when there is one
+    # After the checkpoint that a stop signal (USR1, TERM) triggers, under SLURM: requeue the job
+    # (`scontrol requeue $SLURM_JOB_ID`) so that it resumes by itself.
+    requeue: bool = True
 
 
 @dataclass

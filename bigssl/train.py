@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bigssl import config as config_lib
-from bigssl import health, runtime
+from bigssl import health, preemption, runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
@@ -29,6 +29,7 @@ from bigssl.data.views import view_grid
 from bigssl.distributed import comm
 from bigssl.distributed import env as env_lib
 from bigssl.distributed.engines import build_engine
+from bigssl.errors import UserError
 from bigssl.eval import attention, knn, zeroshot
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
@@ -46,6 +47,7 @@ class _Window:
 
     def reset(self) -> None:
         self.start, self.data_wait, self.steps = time.perf_counter(), 0.0, 0
+        self.timed_steps = 0  # steps of this process since `start` (a restored window has more)
         self.loss_sum.zero_()
         self.sums: dict[str, torch.Tensor] = {}
 
@@ -56,6 +58,7 @@ class _Window:
                 value = value.detach().float()
                 self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.steps += 1
+        self.timed_steps += 1
 
     def means(self) -> dict[str, float]:
         """Window means over every rank (a collective)."""
@@ -63,6 +66,25 @@ class _Window:
         values = torch.stack([self.loss_sum, *(self.sums[n] for n in names)]) / self.steps
         values = comm.all_reduce_mean(values).tolist()
         return dict(zip(["loss", *names], values, strict=True))
+
+    def state(self) -> dict[str, Any]:
+        """The unfinished window, every rank's sums (a collective), for a checkpoint: a run
+        resumed between two log steps then logs the same means as an uninterrupted one."""
+        names = sorted(self.sums)
+        mine = torch.stack([self.loss_sum, *(self.sums[n] for n in names)]).cpu().tolist()
+        return {"steps": self.steps, "names": names, "per_rank": comm.all_gather_object(mine)}
+
+    def restore(self, state: dict[str, Any] | None, rank: int) -> None:
+        if not state or not state["steps"]:
+            return
+        per_rank = state["per_rank"]
+        # At another world size each rank takes the mean, which keeps the logged mean.
+        sums = per_rank[rank] if len(per_rank) == comm.world_size() else [sum(v) / len(per_rank)
+                                                                           for v in zip(*per_rank, strict=True)]
+        values = torch.tensor(sums, dtype=torch.float32, device=self.loss_sum.device)
+        self.loss_sum.copy_(values[0])
+        self.sums = dict(zip(state["names"], values[1:].unbind(), strict=True))
+        self.steps = state["steps"]
 
 
 @dataclass
@@ -73,8 +95,15 @@ class Progress:
     epoch: int = 0
     epoch_step: int = 0  # steps done in the current epoch
     consumed: Consumed = field(default_factory=Consumed)  # samples of this epoch used (exact mode)
+    bad: Consumed = field(default_factory=Consumed)  # the consumed samples that were skipped as bad
+    replay: bool = False  # resumed mid-epoch with the same data layout: replay the epoch's batches
     skipped: dict[str, int] = field(default_factory=dict)  # all ranks, epochs before the current one
     knn: dict[str, float] = field(default_factory=dict)  # first scores, e.g. the random-init kNN
+    nonfinite: int = 0  # steps skipped for a non-finite loss, the whole run
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite losses in a row."""
 
 
 class Trainer:
@@ -82,7 +111,8 @@ class Trainer:
         self.config = config
         runtime.keep_freed_memory()  # before workers fork: they inherit it
         self.env = env_lib.detect()
-        self.backend = env_lib.init(self.env, config.engine.backend, config.engine.timeout_s)
+        self.backend = env_lib.init(self.env, config.engine.backend, config.engine.timeout_s,
+                                    config.engine.dead_rank_timeout_s)
         self.device = env_lib.device_for(self.env)
         print(f"bigssl: {env_lib.describe(self.env, self.backend)}", file=sys.stderr, flush=True)
         self.run_dir = Path(config.log.dir)
@@ -112,13 +142,19 @@ class Trainer:
         self._zero_shot_note_given = False
         self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
+        self.window = _Window(self.device)
+        self.stop_request = preemption.StopRequest()
 
     # ----------------------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
         """uint8 crops to the device, then the photometric half of the views, batched there."""
         groups = [g.to(self.device, non_blocking=True) for g in batch["views"]]
         key = hashlib.blake2b(f"{self.config.seed}/{self.env.rank}/{step}".encode(), digest_size=8).digest()
-        self.generator.manual_seed(int.from_bytes(key, "little") >> 1)  # reproducible per (seed, rank, step)
+        seed = int.from_bytes(key, "little") >> 1
+        self.generator.manual_seed(seed)  # reproducible per (seed, rank, step)
+        # The global generators too (drop path, dropout, anything a method draws): a resumed run
+        # then draws at step s what an uninterrupted one drew there.
+        torch.manual_seed(seed)
         views = self.data.photometric(groups, self.generator)
         return {**batch, "views": views, "label": batch["label"].to(self.device, non_blocking=True)}
 
@@ -139,26 +175,34 @@ class Trainer:
 
     def _save(self, loader_skipped: dict[str, int]) -> None:
         p = self.progress
-        merged = Consumed()
-        for part in comm.all_gather_object(p.consumed.state_dict()):
+        merged, merged_bad = Consumed(), Consumed()
+        for part, bad in comm.all_gather_object((p.consumed.state_dict(), p.bad.state_dict())):
             merged.merge(Consumed.from_state(part))  # exact mode: ranks read disjoint shards
+            merged_bad.merge(Consumed.from_state(bad))
         extra = {"step": p.step, "epoch": p.epoch, "epoch_step": p.epoch_step, "knn": dict(p.knn),
                  "skipped_before_epoch": dict(p.skipped), "skipped_in_epoch": self._skipped_now(loader_skipped),
-                 "consumed": merged.state_dict(), "shards": self.data.fingerprint()}
+                 "consumed": merged.state_dict(), "bad": merged_bad.state_dict(), "shards": self.data.fingerprint(),
+                 "layout": self.data.layout(), "log_window": self.window.state(), "nonfinite": p.nonfinite}
         self.checkpoints.save(p.step, self.engine, extra)
 
     def _resume(self, path: Path, monitor_message: list[str]) -> None:
         extra = self.engine.load(path)
         p = Progress(step=int(extra["step"]), epoch=int(extra["epoch"]), epoch_step=int(extra["epoch_step"]),
-                     knn=dict(extra["knn"]), skipped=dict(extra["skipped_before_epoch"]))
+                     knn=dict(extra["knn"]), skipped=dict(extra["skipped_before_epoch"]),
+                     nonfinite=int(extra.get("nonfinite", 0)))
         if extra["shards"] == self.data.fingerprint():
             p.consumed = Consumed.from_state(extra["consumed"])
             # Skips of the interrupted epoch are part of the position: keep them counted.
             p.skipped = dict(extra["skipped_in_epoch"])
+            # Same ranks, workers and batches: the epoch's remaining batches are replayed as they
+            # would have come; otherwise the remaining samples are dealt afresh.
+            if "bad" in extra and extra.get("layout") == self.data.layout():
+                p.bad, p.replay = Consumed.from_state(extra["bad"]), True
         else:
             monitor_message.append("bigssl: data.train changed since the checkpoint: the epoch's position "
                                    "is not carried over")
         self.progress = p
+        self.window.restore(extra.get("log_window"), self.env.rank)
 
     def _knn(self, model: torch.nn.Module | None = None) -> dict[str, float]:
         return self._knn_with_features(model)[0]
@@ -242,22 +286,25 @@ class Trainer:
     # -------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, float]:
         config = self.config
-        resume_from = self.checkpoints.latest() if config.checkpoint.resume else None
-        messages: list[str] = []
+        messages: list[str] = []  # printed through the monitor once it exists (rank 0)
+        # The newest checkpoint whose files match their checksums; corrupt ones are set aside.
+        resume_from = self.checkpoints.resumable(messages.append) if config.checkpoint.resume else None
         if resume_from is not None:
             self._resume(resume_from, messages)
-            messages.insert(0, f"bigssl: resumed from {resume_from} (step {self.progress.step})")
+            messages.append(f"bigssl: resumed from {resume_from} (step {self.progress.step})")
         elif self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
         p = self.progress
         monitor = Monitor(self.run_dir, self.env.is_main, self.last_step, p.step,
                           tensorboard=config.log.tensorboard, progress=config.log.progress)
+        self.stop_request.install()
         try:
             for message in messages:
                 monitor.message(message)
             return self._run(monitor, fresh=resume_from is None)
         finally:
+            self.stop_request.restore()
             monitor.close()  # also on errors, so the bar does not print after the error line
 
     def _run(self, monitor: Monitor, fresh: bool) -> dict[str, float]:
@@ -266,12 +313,14 @@ class Trainer:
         if evaluating and fresh:
             self._baselines(monitor)
 
-        window = _Window(self.device)
+        window = self.window
         last_saved = p.step
+        nonfinite_in_a_row = 0
         epoch_skips: dict[str, int] = {}  # this rank's skips in the current epoch
         while p.step < self.last_step and p.epoch < config.optim.epochs:
-            planned = p.epoch_step + self.data.planned_steps(p.epoch, p.epoch_step, p.consumed)  # epoch's last step
-            loader = self.data.loader(p.epoch, p.step, p.consumed)
+            # The epoch's last step.
+            planned = p.epoch_step + self.data.planned_steps(p.epoch, p.epoch_step, p.consumed, p.replay)
+            loader = self.data.loader(p.epoch, p.step, p.consumed, p.bad, p.replay)
             batches = iter(loader)
             while p.epoch_step < planned and p.step < self.last_step:
                 fetch_start = time.perf_counter()
@@ -291,27 +340,40 @@ class Trainer:
                     monitor.image("views/first_batch", view_grid(batch["views"], self.data.photometric), 0)
                 lr = self._set_lr(p.step)
                 out = self.engine.forward(batch, p.step)
-                self.engine.backward(out["loss"])
-                grad_norm = self.engine.step()
-                if pairs := self.method.ema_pairs():
-                    self.engine.ema_update(pairs, self.method.ema_momentum(p.step))
-                self.method.after_step(p.step)
+                if self._finite_everywhere(out["loss"]):
+                    self.engine.backward(out["loss"])
+                    grad_norm = self.engine.step()
+                    if pairs := self.method.ema_pairs():
+                        self.engine.ema_update(pairs, self.method.ema_momentum(p.step))
+                    self.method.after_step(p.step)
+                    window.add(out)
+                    nonfinite_in_a_row = 0
+                else:  # no backward, no update: the weights stay as they were
+                    nonfinite_in_a_row += 1
+                    self._skip_nonfinite(monitor, nonfinite_in_a_row)
+                    grad_norm = float("nan")
                 p.step += 1
                 p.epoch_step += 1
-                window.add(out)
-                if p.step % config.log.every_steps == 0 or p.step == self.last_step:
+                # (Every rank agrees on skipped steps, so on whether the window has any.)
+                if (p.step % config.log.every_steps == 0 or p.step == self.last_step) and window.steps:
                     values = {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics(), **self._health(out, p.step)}
+                    if p.nonfinite:
+                        values["nonfinite_steps"] = p.nonfinite
                     self._log_window(monitor, window, values, loader.skipped())
                 every = config.checkpoint.every_steps
                 if every and p.step % every == 0 and p.step < self.last_step:
                     self._save(loader.skipped())
                     last_saved = p.step
+                # One small collective per step: every rank stops after the same step.
+                if p.step < self.last_step and comm.any_true(self.stop_request.received is not None):
+                    self._stop(monitor, loader.skipped(), saved=p.step == last_saved)
             epoch_skips = loader.skipped()
             del batches  # shut this epoch's workers down before anything else runs
             if p.step >= self.last_step and p.epoch_step < planned:
                 break  # a capped run stopping mid-epoch: the position stays in the epoch
             p.skipped = self._skipped_now(epoch_skips)
-            p.epoch, p.epoch_step, p.consumed, epoch_skips = p.epoch + 1, 0, Consumed(), {}
+            p.epoch, p.epoch_step, epoch_skips = p.epoch + 1, 0, {}
+            p.consumed, p.bad, p.replay = Consumed(), Consumed(), False
             if p.step != last_saved and p.step < self.last_step:
                 self._save(epoch_skips)
                 last_saved = p.step
@@ -333,6 +395,37 @@ class Trainer:
             monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
         return final_scores
 
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """The loss is finite on every rank (a host sync and one small collective per step)."""
+        return comm.all_agree(bool(torch.isfinite(loss.detach()).all()))
+
+    def _skip_nonfinite(self, monitor: Monitor, in_a_row: int) -> None:
+        p, limit = self.progress, self.config.optim.nonfinite_limit
+        p.nonfinite += 1
+        step = p.step + 1  # numbered as in metrics.jsonl: the step it would have completed
+        monitor.message(f"bigssl: warning: step {step}: the loss is not finite on some rank; step skipped "
+                        f"({in_a_row} in a row, {p.nonfinite} in the run)")
+        if in_a_row >= limit:
+            raise TrainingDiverged(
+                f"optim.nonfinite_limit: the loss was not finite for {in_a_row} steps in a row (steps "
+                f"{step - in_a_row + 1}-{step}); stopped. The last checkpoint, {self.checkpoints.latest()}, is "
+                "kept; lower optim.base_lr, set optim.clip_grad, or train in fp32 before resuming")
+
+    def _stop(self, monitor: Monitor, loader_skipped: dict[str, int], saved: bool) -> None:
+        """A stop signal reached some rank: checkpoint here, requeue under SLURM, raise Stopped."""
+        if not saved:
+            self._save(loader_skipped)
+        signals = sorted({name for name in comm.all_gather_object(self.stop_request.received) if name})
+        message = (f"bigssl: {'/'.join(signals)} received: stopped after step {self.progress.step}, "
+                   f"checkpoint {self.checkpoints.latest()}")
+        job = preemption.slurm_job_id()
+        if self.env.is_main and job and self.config.checkpoint.requeue:
+            # Before the last barrier: once a rank exits, srun --kill-on-bad-exit may end rank 0.
+            message += "; " + preemption.requeue_slurm_job(job)
+        monitor.message(message)
+        comm.barrier()
+        raise preemption.Stopped(message)
+
     def _log_window(self, monitor: Monitor, window: _Window, values: dict[str, float],
                     epoch_skips: dict[str, int]) -> None:
         """Log the means since the last log step (loss averaged over ranks too) and restart the window."""
@@ -342,14 +435,14 @@ class Trainer:
         means = window.means()
         loss = means["loss"]
         record = {"epoch": self.progress.epoch + self.progress.epoch_step / self.steps_per_epoch, **means,
-                  **values, "images_per_s": self.config.optim.batch_size * window.steps / elapsed,
+                  **values, "images_per_s": self.config.optim.batch_size * window.timed_steps / elapsed,
                   "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
         if any(skipped.values()):
             record.update({f"data/skipped_{reason}": count for reason, count in skipped.items()})
         monitor.log(step, record)
         for warning in self.collapse_watch.check(step, record):
             monitor.message(warning)
-        monitor.progress(window.steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
+        monitor.progress(window.timed_steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
                                         "img/s": f"{record['images_per_s']:.0f}"})
         window.reset()
 
@@ -389,8 +482,14 @@ class Trainer:
 def train(config: Config) -> dict[str, float]:
     try:
         scores = Trainer(config).fit()
-    except BaseException:
+    except preemption.Stopped:
+        env_lib.shutdown()  # every rank stopped at the same step: leave together
+        raise
+    except BaseException as err:
+        lost = env_lib.lost_ranks(err)
         env_lib.shutdown(clean=False)
+        if lost:
+            raise env_lib.RankLost(lost) from err
         raise
     env_lib.shutdown()
     return scores

@@ -1,17 +1,30 @@
-"""A training run stopped mid-epoch in exact mode resumes with the samples it has not seen."""
+"""A training run stopped mid-epoch in exact mode resumes with the samples it has not seen and,
+with the same ranks, workers and batch sizes, replays exactly the batches and views an
+uninterrupted run would have trained on."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from datasets import make_shards, pattern
+from helpers import run_distributed
+from PIL import Image
 from torch import nn
 
 from bigssl import config as config_lib
 from bigssl.config import MethodConfig
+from bigssl.data.write import Sample, write_shards
+from bigssl.distributed import comm
 from bigssl.methods.base import Method, register
+from bigssl.preemption import Stopped
 from bigssl.train import train
 
 SAMPLES, PER_SHARD, BATCH = 230, 23, 16
@@ -21,6 +34,7 @@ SAMPLES, PER_SHARD, BATCH = 230, 23, 16
 class IdRecorderConfig(MethodConfig):
     name: str = "test_id_recorder"
     out: str = ""
+    signal_at_step: int = -1  # rank 0 sends itself SIGUSR1 during this step (a preemption notice)
 
 
 @register("test_id_recorder")
@@ -34,14 +48,19 @@ class IdRecorder(Method):
         self.backbone = nn.Linear(3, 2)
 
     def training_step(self, batch, step):
-        with open(self.config.method.out, "a") as handle:
-            handle.write(" ".join(str(i) for i in batch["id"].tolist()) + "\n")
+        if step == self.config.method.signal_at_step and comm.rank() == 0:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        # The ids, then the exact pixels of every view after the photometric half (float64 sums
+        # per sample, printed in full), so two runs compare view for view.
+        pixels = [f"{v:.17g}" for v in batch["views"][0].double().sum(dim=(0, 2, 3, 4)).tolist()]
+        with open(self.config.method.out.format(rank=comm.rank()), "a") as handle:
+            handle.write(" ".join(str(i) for i in batch["id"].tolist()) + " | " + " ".join(pixels) + "\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))  # [V, B, C, S, S] → [B, C]
-        return {"loss": self.backbone(pooled).pow(2).mean()}
+        return {"loss": self.backbone(pooled).pow(2).mean(), "pooled_mean": pooled.mean()}
 
 
 def recorded(path: Path) -> list[list[int]]:
-    return [[int(i) for i in line.split()] for line in path.read_text().splitlines()]
+    return [[int(i) for i in line.split(" | ")[0].split()] for line in path.read_text().splitlines()]
 
 
 def test_exact_epoch_resumes_where_it_stopped(tmp_path: Path):
@@ -71,3 +90,82 @@ def test_exact_epoch_resumes_where_it_stopped(tmp_path: Path):
     assert len(everything) == (SAMPLES // BATCH) * BATCH  # 14 steps; the 6-sample tail fills no step
     assert len(set(everything)) == len(everything)  # none twice
     assert set(everything) <= set(range(SAMPLES))
+
+
+BAD = {7, 40, 41, 95, 150}  # undecodable samples, skipped (and counted) wherever they fall
+
+
+def textured_shards(directory: Path) -> str:
+    """Noise images (a crop's pixels depend on where it falls), with a few undecodable samples."""
+    rng = np.random.default_rng(0)
+
+    def png(i: int) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    samples = [Sample(b"not an image" if i in BAD else png(i), "png", i % 3) for i in range(SAMPLES)]
+    write_shards(iter(samples), directory, classes=["a", "b", "c"], maxcount=PER_SHARD)
+    return pattern(directory, SAMPLES // PER_SHARD)
+
+
+def replay_overrides(data: str, run: Path, ids: str, world_size: int) -> list[str]:
+    return [f"data.train={data}", "data.val=", "data.mode=exact", "data.workers=2", "data.views.size=8",
+            "data.views.resize=8", "data.shuffle_buffer=20", "data.micro_batch=5",
+            f"optim.batch_size={BATCH * world_size}", "optim.epochs=2", "optim.name=sgd", "optim.base_lr=0.5",
+            "model.channels_last=false", f"log.dir={run}", "checkpoint.every_steps=0", "log.tensorboard=false",
+            "log.progress=false", "log.every_steps=3", f"method.out={ids}"]
+
+
+def _train_or_stop(recipe: Path, overrides: list[str], stops: bool) -> None:
+    try:
+        train(config_lib.load(recipe, overrides))
+        assert not stops, "the run was expected to stop on its signal"
+    except Stopped:
+        assert stops, "the run stopped without a signal"
+
+
+def _train_in_rank(rank: int, world_size: int, recipe: Path, overrides: list[str], stops: bool) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size)})  # the group is up already
+    _train_or_stop(recipe, overrides, stops)
+
+
+def _train(world_size: int, recipe: Path, overrides: list[str], stops: bool = False) -> None:
+    if world_size == 1:
+        _train_or_stop(recipe, overrides, stops)
+    else:
+        run_distributed(_train_in_rank, world_size, recipe, overrides, stops)
+
+
+def _logged(run: Path) -> list[dict]:
+    keep = ("step", "loss", "pooled_mean", "epoch", "lr", "grad_norm")
+    return [{k: r[k] for k in keep} for line in (run / "metrics.jsonl").read_text().splitlines()
+            if "loss" in (r := json.loads(line))]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resumed_epoch_replays_the_uninterrupted_batches_and_views(tmp_path: Path, world_size: int):
+    data = textured_shards(tmp_path / "ds")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  name: test_id_recorder\n")
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    _train(world_size, recipe, replay_overrides(data, whole, str(tmp_path / "whole-{rank}.txt"), world_size))
+    cut_args = replay_overrides(data, cut, str(tmp_path / "cut-{rank}.txt"), world_size)
+    # SIGUSR1 to rank 0 during step index 4: every rank stops after step 5 (mid-epoch, mid-log-window).
+    _train(world_size, recipe, [*cut_args, "method.signal_at_step=4"], stops=True)
+    saved = sorted(p.name for p in (cut / "checkpoints").iterdir())
+    assert saved == ["step_00000005"], saved
+    _train(world_size, recipe, cut_args)  # resumes at step 5, replays the rest of epoch 0, then epoch 1
+    for rank in range(world_size):
+        uninterrupted = (tmp_path / f"whole-{rank}.txt").read_text().splitlines()
+        resumed = (tmp_path / f"cut-{rank}.txt").read_text().splitlines()
+        assert len(uninterrupted) == 2 * (SAMPLES - len(BAD)) // (BATCH * world_size)
+        assert resumed == uninterrupted  # same samples in the same batches, same crops, same colours
+    # The log window open at step 5 is carried over: every logged mean (and lr, grad norm) matches.
+    assert _logged(cut) == _logged(whole)
+    final = [torch.load(max((run / "checkpoints").glob("step_*")) / "state.pt", weights_only=True)
+             for run in (whole, cut)]
+    assert final[0]["extra"]["step"] == final[1]["extra"]["step"] == len(uninterrupted)
+    weights = [state["method"] for state in final]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bit for bit

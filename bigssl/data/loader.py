@@ -89,12 +89,13 @@ class BatchLoader:
     """Iterates batches of exactly `batch_size` samples (a smaller last one only if `keep_tail`)."""
 
     def __init__(self, stream: ShardStream, batch_size: int, workers: int, timeout_s: float = 0.0,
-                 consumed: Consumed | None = None, keep_tail: bool = False) -> None:
+                 consumed: Consumed | None = None, keep_tail: bool = False, bad: Consumed | None = None) -> None:
         self.stream = stream
         self.batch_size = batch_size
         self.workers = workers
         self.timeout_s = timeout_s
         self.consumed = consumed
+        self.bad = bad  # consumed samples that were skipped, for an exact replay after a restart
         self.keep_tail = keep_tail
         self.worker_stats: dict[int, dict[str, int]] = {}
 
@@ -134,7 +135,10 @@ class BatchLoader:
         for micro in self._micro_batches():
             if self.consumed is not None:  # skipped samples count as used as soon as they arrive
                 bad = ~micro["good"]
-                self.consumed.mark_all(micro["shard"][bad].tolist(), micro["ordinal"][bad].tolist())
+                shards, ordinals = micro["shard"][bad].tolist(), micro["ordinal"][bad].tolist()
+                self.consumed.mark_all(shards, ordinals)
+                if self.bad is not None:
+                    self.bad.mark_all(shards, ordinals)
             if micro["data"] is None:
                 continue
             micro["good_shard"] = micro["shard"][micro["good"]]

@@ -3,6 +3,7 @@ resumable position, skip counters. Also the labelled evaluation stream."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,9 +30,9 @@ class TrainSample:
         self.fast_decode = fast_decode
         self.text = text
 
-    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any]:
         label = decode_label(sample, self.require_labels)
-        out = {"views": self.geometry(decode_rgb(image_bytes(sample), self.fast_decode)), "label": label}
+        out = {"views": self.geometry(decode_rgb(image_bytes(sample), self.fast_decode), rng), "label": label}
         if self.text:
             out["text"] = decode_text(sample)
         return out
@@ -75,22 +76,40 @@ class TrainData:
                           interleave=data.interleave, shuffle_buffer=data.shuffle_buffer,
                           micro_batch=data.micro_batch or self.local_batch)
 
-    def planned_steps(self, epoch: int, epoch_step: int, consumed: Consumed) -> int:
+    def planned_steps(self, epoch: int, epoch_step: int, consumed: Consumed, replay: bool = False) -> int:
         """Steps left in this epoch. Exact mode: as many full batches as the rank with the
         fewest remaining samples can make (the tail that cannot fill a step on every rank is
-        left out, as drop_last does)."""
+        left out, as drop_last does); a replayed epoch keeps the plan of its start."""
         left = self.steps_per_epoch - epoch_step
         if not self.exact:
             return left
-        per_rank = samples_per_rank(self.shards, self.spec(epoch, 0), self.config.data.workers, consumed)
+        if replay:
+            return self.planned_steps(epoch, 0, Consumed()) - epoch_step
+        # workers=0 reads in the main process: one reader, as the stream counts it.
+        per_rank = samples_per_rank(self.shards, self.spec(epoch, 0), max(1, self.config.data.workers), consumed)
         return min(left, min(per_rank) // self.local_batch)
 
-    def loader(self, epoch: int, restart_step: int, consumed: Consumed) -> BatchLoader:
+    def layout(self) -> dict[str, int]:
+        """What decides which batch each rank gets at each step of an exact epoch: a restart
+        with the same layout can replay the epoch batch for batch."""
+        data = self.config.data
+        spec = self.spec(0, 0)
+        return {"seed": self.config.seed, "world_size": self.world_size, "workers": data.workers,
+                "local_batch": self.local_batch, "micro_batch": spec.micro_batch, "interleave": spec.interleave,
+                "shuffle_buffer": spec.shuffle_buffer}
+
+    def loader(self, epoch: int, restart_step: int, consumed: Consumed, bad: Consumed,
+               replay: bool = False) -> BatchLoader:
+        """This rank's batches of `epoch`; exact mode marks what it hands out in `consumed` (and
+        skipped samples also in `bad`). `replay`: the epoch exactly as from its start, with the
+        consumed samples passed over (same layout as when they were consumed)."""
         data = self.config.data
         sample = TrainSample(self.geometry, data.require_labels, data.fast_decode, text=data.views.policy == "clip")
-        stream = ShardStream(self.shards, sample, self.spec(epoch, restart_step), consumed if self.exact else None)
-        return BatchLoader(stream, self.local_batch, data.workers, data.timeout_s,
-                           consumed=consumed if self.exact else None)
+        exact = consumed if self.exact else None
+        stream = ShardStream(self.shards, sample, self.spec(epoch, restart_step), exact,
+                             replay_bad=bad if self.exact and replay else None, seed_samples=True)
+        return BatchLoader(stream, self.local_batch, data.workers, data.timeout_s, consumed=exact,
+                           bad=bad if self.exact else None)
 
     def fingerprint(self) -> list[str]:
         return self.shards.urls

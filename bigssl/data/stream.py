@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 from webdataset.gopen import gopen
 
+from bigssl import preemption
 from bigssl.data import tar
 from bigssl.data.decode import BadSample
 from bigssl.data.position import Consumed
@@ -121,13 +122,24 @@ class ShardStream(IterableDataset):
     """Yields micro-batches: {"data": collated transform outputs | None, "shard", "ordinal",
     "good" (per sample: decoded or skipped), "stats" (this worker's skip counters), "worker"}."""
 
-    def __init__(self, shard_set: ShardSet, transform: Callable[[dict[str, Any]], dict[str, Any]],
-                 spec: StreamSpec, consumed: Consumed | None = None) -> None:
+    def __init__(self, shard_set: ShardSet, transform: Callable[..., dict[str, Any]], spec: StreamSpec,
+                 consumed: Consumed | None = None, *, replay_bad: Consumed | None = None,
+                 seed_samples: bool = False) -> None:
+        """`consumed`: samples of this epoch already used. By default they are left out of the
+        deal and the reading, so a restart reads only the rest (at any world size). With
+        `replay_bad` (which of them were bad samples), the epoch is read exactly as from its
+        start and the consumed samples are passed over in place, so the micro-batches (hence the
+        batches) that follow are the ones an uninterrupted run would have made; it needs the
+        same ranks, workers and batch sizes. `seed_samples`: the transform is called as
+        transform(sample, rng) with a generator seeded by (seed, epoch, shard, ordinal), so a
+        sample's views do not depend on what its worker read before."""
         super().__init__()
         self.shard_set = shard_set
         self.transform = transform
         self.spec = spec
         self.consumed = consumed
+        self.replay_bad = replay_bad
+        self.seed_samples = seed_samples
 
     # ------------------------------------------------------------------ shard selection
     def _resampled(self, rng: random.Random) -> Iterator[int]:
@@ -146,7 +158,8 @@ class ShardStream(IterableDataset):
     def _shards(self, worker: int, workers: int, rng: random.Random) -> Iterator[int]:
         if self.spec.mode == "resampled":
             return self._resampled(rng)
-        return iter(deal(self.shard_set, self.spec, workers, self.consumed)[self.spec.rank][worker])
+        left_out = None if self.replay_bad is not None else self.consumed
+        return iter(deal(self.shard_set, self.spec, workers, left_out)[self.spec.rank][worker])
 
     # --------------------------------------------------------------------------- reading
     def _read(self, shard: int, stats: Counter) -> Iterator[tuple[int, int, dict[str, Any]]]:
@@ -166,7 +179,7 @@ class ShardStream(IterableDataset):
             stream = gopen(url, "rb")
             for ordinal, sample in enumerate(tar.samples(stream)):
                 read = ordinal + 1
-                if self.consumed is not None and self.consumed.contains(shard, ordinal):
+                if self.replay_bad is None and self.consumed is not None and self.consumed.contains(shard, ordinal):
                     continue
                 yield shard, ordinal, sample
             finished = True
@@ -227,6 +240,7 @@ class ShardStream(IterableDataset):
             # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
             torch.manual_seed(rng.getrandbits(63))
             random.seed(rng.getrandbits(63))  # crop geometry draws from Python's generator
+            preemption.ignore_in_worker()  # stop signals are the main process's to handle
         stats: Counter = Counter()
         items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
         try:
@@ -239,10 +253,23 @@ class ShardStream(IterableDataset):
     def _batches(self, items: Iterator, stats: Counter, worker: int) -> Iterator[dict[str, Any]]:
         spec = self.spec
         pending: list[tuple[int, int, dict[str, Any] | None]] = []
-        good = 0
+        good = 0  # good samples in the micro-batch, including ones passed over in a replay
         for shard, ordinal, sample in items:
+            if self.replay_bad is not None and self.consumed.contains(shard, ordinal):
+                # Used before the restart: not decoded again, but a good one still takes its
+                # place in the micro-batch, so the boundaries (and the DataLoader's round-robin
+                # over workers) stay those of the uninterrupted epoch. Its skip was counted then.
+                if not self.replay_bad.contains(shard, ordinal):
+                    good += 1
+                    if good == spec.micro_batch:
+                        yield self._collate(pending, stats, worker)
+                        pending, good = [], 0
+                continue
             try:
-                out = self.transform(sample)
+                if self.seed_samples:
+                    out = self.transform(sample, random.Random(f"{spec.seed}/{spec.epoch}/{shard}/{ordinal}"))
+                else:
+                    out = self.transform(sample)
                 first_id = self.shard_set.shards[shard].first_id
                 out["id"] = -1 if first_id is None else first_id + ordinal
                 good += 1
@@ -253,13 +280,13 @@ class ShardStream(IterableDataset):
             if good == spec.micro_batch:
                 yield self._collate(pending, stats, worker)
                 pending, good = [], 0
-        if pending:
+        if pending or good:
             yield self._collate(pending, stats, worker)
 
     @staticmethod
     def _collate(pending: list, stats: Counter, worker: int) -> dict[str, Any]:
         outputs = [out for _, _, out in pending if out is not None]
-        return {
+        return {  # `data` is None when nothing in it needs training on (all bad, or all replayed)
             "data": default_collate(outputs) if outputs else None,
             "shard": torch.tensor([s for s, _, _ in pending], dtype=torch.long),
             "ordinal": torch.tensor([o for _, o, _ in pending], dtype=torch.long),

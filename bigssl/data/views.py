@@ -38,30 +38,34 @@ class Geometry:
     def __init__(self, views: ViewsConfig) -> None:
         self.views = views
 
-    def _crops(self, image: torch.Tensor, count: int, size: int, scale: list[float]) -> torch.Tensor:
+    def _crops(self, image: torch.Tensor, count: int, size: int, scale: list[float],
+               rng: random.Random) -> torch.Tensor:
         v = self.views
         height, width = image.shape[-2:]
         out = []
         for _ in range(count):
-            box = geo.random_resized_crop_box(height, width, tuple(scale), tuple(v.crop_ratio), random)
-            out.append(geo.crop_resize(image, box, size, v.interpolation, flip=random.random() < v.flip_prob))
+            box = geo.random_resized_crop_box(height, width, tuple(scale), tuple(v.crop_ratio), rng)
+            out.append(geo.crop_resize(image, box, size, v.interpolation, flip=rng.random() < v.flip_prob))
         return torch.stack(out)
 
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, image: torch.Tensor, rng: random.Random | None = None) -> list[torch.Tensor]:
+        """`rng` draws every random choice (the training stream gives each sample its own, so a
+        sample's views do not depend on what the worker read before it); Python's global one if None."""
         v = self.views
+        rng = rng or random  # the module offers the same draws as a Random
         batch = geo.as_batch(image)
         if v.policy == "cpc":
             resized = geo.resize_short_side(batch, v.resize, v.interpolation)
-            box = geo.random_box(*resized.shape[-2:], v.size, random)
-            crop = geo.crop_resize(resized, box, v.size, flip=random.random() < v.flip_prob)
-            return [geo.patch_grid(geo.as_batch(crop), v.grid, v.patch, v.patch_jitter, random)]
+            box = geo.random_box(*resized.shape[-2:], v.size, rng)
+            crop = geo.crop_resize(resized, box, v.size, flip=rng.random() < v.flip_prob)
+            return [geo.patch_grid(geo.as_batch(crop), v.grid, v.patch, v.patch_jitter, rng)]
         if v.policy == "clip":
             resized = geo.resize_short_side(batch, v.resize, v.interpolation)
-            box = geo.random_box(*resized.shape[-2:], v.size, random)
+            box = geo.random_box(*resized.shape[-2:], v.size, rng)
             return [geo.crop_resize(resized, box, v.size).unsqueeze(0)]
-        groups = [self._crops(batch, v.views, v.size, v.crop_scale)]
+        groups = [self._crops(batch, v.views, v.size, v.crop_scale, rng)]
         if v.local_crops:
-            groups.append(self._crops(batch, v.local_crops, v.local_size, v.local_crop_scale))
+            groups.append(self._crops(batch, v.local_crops, v.local_size, v.local_crop_scale, rng))
         return groups
 
 

@@ -122,6 +122,15 @@ def all_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+def any_true(flag: bool) -> bool:
+    """True if `flag` is true on any rank (e.g. 'a stop signal reached me')."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group)
+    return bool(value.item())
+
+
 def all_gather_object(obj: object) -> list[object]:
     if not is_distributed():
         return [obj]

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from bigssl.distributed import comm
+from bigssl.distributed import comm, watchdog
 from bigssl.errors import UserError
+
+
+class RankLost(RuntimeError):
+    """Another rank of the job exited or stopped responding."""
 
 
 @dataclass(frozen=True)
@@ -85,30 +89,42 @@ def detect() -> DistEnv:
     return DistEnv()
 
 
-def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0) -> str:
-    """Join the process group described by `env`; returns the backend in use ('' if single)."""
+def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0, dead_rank_timeout_s: float = 0.0) -> str:
+    """Join the process group described by `env`; returns the backend in use ('' if single).
+    `dead_rank_timeout_s` > 0 starts the heartbeat watchdog (see watchdog.py)."""
     if not env.distributed or dist.is_initialized():
         return dist.get_backend() if dist.is_initialized() else ""
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-    dist.init_process_group(
-        backend=backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # The rendezvous store made here (a client of the launcher's store under torchrun) is kept
+    # for the watchdog's heartbeats.
+    url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
+    store, _, _ = next(dist.rendezvous(url, timeout=timeout))
+    dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     if dist.get_world_size() != env.world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, expected {env.world_size}")
     # Counters, flags and positions are small CPU objects: under NCCL they go through gloo.
     comm.set_cpu_group(dist.new_group(backend="gloo") if backend == "nccl" else None)
+    if dead_rank_timeout_s > 0:
+        interval = max(0.2, min(5.0, dead_rank_timeout_s / 10))
+        watchdog.start(store, env.rank, env.world_size, interval, dead_rank_timeout_s)
     return backend
+
+
+def lost_ranks(error: BaseException) -> str | None:
+    """After `error` in a distributed run: which ranks went silent, if any (a failed collective
+    names no rank). Waits a few heartbeats; None for errors that are the user's or the run's own."""
+    if isinstance(error, (UserError, KeyboardInterrupt)) or not dist.is_initialized():
+        return None
+    return watchdog.diagnose()
 
 
 def shutdown(clean: bool = True) -> None:
     """Leave the process group; `clean=False` skips the barrier (another rank may be gone)."""
+    watchdog.stop(finished=clean)
     if dist.is_initialized():
         if clean:
             dist.barrier()

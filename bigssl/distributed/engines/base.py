@@ -100,6 +100,9 @@ class Engine(ABC):
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2: the norm over every shard
             norm = norm.full_tensor()
+        # Non-finite gradients from a finite loss (an overflow in backward) are not applied either;
+        # the norm is global, so every rank skips together. (fp16's scaler has decided already.)
+        finite = finite and (self.scaler is not None or bool(torch.isfinite(norm)))
         if per_parameter and max_norm > 0 and finite:
             self._clip_each(params, max_norm)
         if finite:

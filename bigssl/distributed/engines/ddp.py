@@ -49,7 +49,8 @@ class DDPEngine(Engine):
         state = {"method": self.method.state_dict(), "optimizer": self.optimizer.state_dict(), "extra": extra}
         if self.scaler is not None:
             state["loss_scale"] = self.scaler.state_dict()
-        torch.save(state, directory / STATE_FILE)
+        with open(directory / STATE_FILE, "wb") as handle:  # a Python file: a full disk raises OSError(ENOSPC)
+            torch.save(state, handle)
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)

@@ -103,7 +103,8 @@ class FSDPEngine(Engine):
         dcp.save(self._state(), checkpoint_id=str(directory / DCP_DIR))
         if self.env.is_main:
             scale = {} if self.scaler is None else {"loss_scale": self.scaler.state_dict()}
-            torch.save({"extra": extra, **scale}, directory / EXTRA_FILE)
+            with open(directory / EXTRA_FILE, "wb") as handle:  # a full disk raises OSError(ENOSPC)
+                torch.save({"extra": extra, **scale}, handle)
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = self._state()

@@ -1,0 +1,86 @@
+"""Stopping a run cleanly when the scheduler says so, and asking SLURM to run it again.
+
+Schedulers warn before they take the nodes: SLURM sends the signal of `--signal` (USR1 in
+slurm/train.sbatch) ahead of the time limit, and SIGTERM when it preempts or cancels a job. On
+either, every rank finishes the step it is in, the ranks agree on the step to stop after, a
+checkpoint is written, and rank 0 runs `scontrol requeue $SLURM_JOB_ID`; the rerun resumes from
+that checkpoint in the same log.dir. The process then exits with EXIT_CODE (EX_TEMPFAIL: "try
+again later"), so a launcher or a shell can tell "stopped, resumable" from done or failed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from types import FrameType
+
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+EXIT_CODE = 75
+
+
+class Stopped(Exception):  # noqa: N818 - not an error: the run stopped on request, resumable
+    """Raised after the stop checkpoint is written; the CLI exits with EXIT_CODE."""
+
+    exit_code = EXIT_CODE
+
+
+def ignore_in_worker() -> None:
+    """For DataLoader workers: SLURM signals every process of a job step, workers included, and
+    a worker killed mid-batch fails the run before the stop checkpoint can be written. (An
+    inherited Python handler is not enough: measured, a worker still dies of SIGTERM with one in
+    place.) USR1 is ignored. SIGTERM is also how a DataLoader ends a stuck worker, so it is taken
+    by a thread that reads the sender: from the parent process it ends the worker, from anyone
+    else (the scheduler) it is ignored and the main process decides."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    # Blocked in this thread (the worker's only one so far, so every later thread inherits it)
+    # and received synchronously by the watcher instead.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_when_parent_asks, name="bigssl-sigterm", daemon=True).start()
+
+
+def _end_when_parent_asks() -> None:
+    parent = os.getppid()
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(128 + signal.SIGTERM)
+
+
+class StopRequest:
+    """Remembers the first stop signal received; installed for the duration of a run."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        self.received = self.received or signal.Signals(signum).name
+
+
+def slurm_job_id() -> str | None:
+    return os.environ.get("SLURM_JOB_ID") or None
+
+
+def requeue_slurm_job(job_id: str) -> str:
+    """`scontrol requeue JOB`; returns what happened, for the run's log (never raises: the
+    checkpoint is written, and a failed requeue only means the job is not rerun by itself)."""
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return f"scontrol requeue {job_id} failed: {err}"
+    if result.returncode != 0:
+        return f"scontrol requeue {job_id} failed: {(result.stderr or result.stdout).strip()}"
+    return f"requeued SLURM job {job_id}"

@@ -1,0 +1,153 @@
+"""Faults a long run meets: a rank killed or frozen, a loss that turns non-finite, a stop signal.
+
+The dead-rank tests start two real ranks as separate processes (so one can be killed with
+SIGKILL or frozen with SIGSTOP) and time how long the survivor takes to leave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import make_shards, pattern
+from helpers import QUICKSTART, REPO, free_port, worker_env
+from torch import nn
+
+from bigssl import config as config_lib
+from bigssl.config import MethodConfig
+from bigssl.methods.base import Method, register
+from bigssl.train import TrainingDiverged, train
+
+TINY = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32", "model.projector.out_dim=16",
+        "optim.batch_size=32", "data.workers=1", "log.every_steps=1", "log.progress=false", "log.tensorboard=false",
+        "eval.knn_at_end=false", "eval.knn_baseline=false", "eval.knn_pixels=false", "checkpoint.every_steps=0"]
+
+
+# ------------------------------------------------------------------------------ non-finite loss
+@dataclass
+class NanAtConfig(MethodConfig):
+    name: str = "test_nan_at"
+    nan_steps: list[int] = field(default_factory=list)  # steps whose loss is NaN
+    weights_log: str = ""
+
+
+@register("test_nan_at")
+class NanAt(Method):
+    """A linear map trained towards zero output; NaN loss at the chosen steps. Writes its weight
+    as the step begins, so a test can see whether a skipped step changed it."""
+
+    config_class = NanAtConfig
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.backbone = nn.Linear(3, 2)
+
+    def training_step(self, batch, step):
+        with open(self.config.method.weights_log, "a") as handle:
+            handle.write(json.dumps({"step": step, "weight": self.backbone.weight.detach().flatten().tolist()}) + "\n")
+        pooled = batch["views"][0].mean(dim=(0, 3, 4))
+        loss = self.backbone(pooled).pow(2).mean()
+        if step in self.config.method.nan_steps:
+            loss = loss * float("nan")
+        return {"loss": loss}
+
+
+def nan_overrides(tmp_path: Path, nan_steps: list[int], limit: int) -> list[str]:
+    shards = make_shards(tmp_path / "ds", 96, 16)
+    return [f"data.train={pattern(shards, 6)}", "data.val=", "data.mode=exact", "data.workers=0",
+            "data.views.size=8", "optim.batch_size=8", "optim.epochs=1", "optim.name=sgd", "optim.base_lr=2.0",
+            "optim.warmup_epochs=0", "model.channels_last=false", f"log.dir={tmp_path / 'run'}", "log.every_steps=1",
+            "log.tensorboard=false", "log.progress=false", "checkpoint.every_steps=2",
+            f"method.nan_steps={json.dumps(nan_steps)}", f"optim.nonfinite_limit={limit}",
+            f"method.weights_log={tmp_path / 'weights.jsonl'}"]
+
+
+def weights_by_step(tmp_path: Path) -> dict[int, list[float]]:
+    lines = (tmp_path / "weights.jsonl").read_text().splitlines()
+    return {r["step"]: r["weight"] for r in map(json.loads, lines)}
+
+
+def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path: Path, capfd: pytest.CaptureFixture):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  name: test_nan_at\n")
+    train(config_lib.load(recipe, nan_overrides(tmp_path, [3, 7], limit=2)))
+    weights = weights_by_step(tmp_path)
+    assert weights[4] == weights[3] and weights[8] == weights[7]  # the NaN steps changed nothing
+    assert weights[3] != weights[2] and weights[5] != weights[4]  # the others did
+    assert all(torch.isfinite(torch.tensor(w)).all() for w in weights.values())
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r for r in records if "loss" in r}
+    assert 4 not in losses and 8 not in losses  # a window of one skipped step has nothing to log
+    assert losses[5]["nonfinite_steps"] == 1 and losses[12]["nonfinite_steps"] == 2
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in losses.values())
+    assert "step 4: the loss is not finite on some rank; step skipped" in capfd.readouterr().err
+
+
+def test_nonfinite_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_path: Path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  name: test_nan_at\n")
+    # Step indices 5-9 (steps 6-10 in metrics.jsonl numbering) have NaN losses: 3 in a row stop it.
+    with pytest.raises(TrainingDiverged, match=r"optim.nonfinite_limit: .* 3 steps in a row \(steps 6-8\)"):
+        train(config_lib.load(recipe, nan_overrides(tmp_path, [5, 6, 7, 8, 9], limit=3)))
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000004", "step_00000006"]  # none after step 8; step 6's weights = step 5's
+    weights = weights_by_step(tmp_path)
+    assert max(weights) == 7  # it stopped in the third NaN step
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert state["method"]["backbone.weight"].flatten().tolist() == weights[5] == weights[7]
+
+
+# --------------------------------------------------------------------------------- dead ranks
+def start_two_ranks(tmp_path: Path, *extra: str) -> list[subprocess.Popen]:
+    port = str(free_port())
+    ranks = []
+    for rank in range(2):
+        env = {**worker_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        command = [sys.executable, "-m", "bigssl", "train", str(QUICKSTART), *TINY, f"log.dir={tmp_path / 'run'}",
+                   "engine.dead_rank_timeout_s=6", *extra]
+        ranks.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return ranks
+
+
+def wait_for_step(run: Path, step: int, ranks: list[subprocess.Popen], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= step and "loss" in line
+                                    for line in metrics.read_text().splitlines()):
+            return
+        assert all(r.poll() is None for r in ranks), "a rank ended early: " + "".join(r.stderr.read() for r in ranks)
+        time.sleep(0.2)
+    pytest.fail(f"no step {step} within {timeout} s")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_a_lost_rank_stops_the_other_within_bounded_time_naming_it(tmp_path: Path, fault: str):
+    ranks = start_two_ranks(tmp_path)
+    try:
+        wait_for_step(tmp_path / "run", 2, ranks)
+        # SIGKILL: gloo fails the next collective at once; SIGSTOP: the peer is alive but silent,
+        # as with a hung node under NCCL, and only the heartbeat notices.
+        os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        lost_at = time.monotonic()
+        _, err = ranks[0].communicate(timeout=120)
+        waited = time.monotonic() - lost_at
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+    assert ranks[0].returncode != 0
+    assert "rank 1 (" in err and f"pid {ranks[1].pid}" in err, err[-2000:]
+    assert waited < 60, f"rank 0 needed {waited:.0f} s to leave"  # heartbeat limit 6 s, plus start-up slack
