@@ -111,6 +111,36 @@ def test_resume_continues_exactly(tmp_path: Path, engine: str):
         torch.testing.assert_close(weights[name], tensor, atol=0, rtol=0)
 
 
+class _Planted:
+    """Unpickling this with full pickle creates a file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _load_only(rank: int, world_size: int, keys: list[str], checkpoint: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    engine_ = setup(make_config(*keys), rank, world_size)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        engine_.load(checkpoint)
+
+
+def test_deepspeed_checkpoints_load_weights_only(tmp_path: Path):
+    checkpoint, straight = tmp_path / "ckpt", tmp_path / "straight"
+    straight.mkdir()
+    keys = ["test_tiny_ema", *engine_keys("zero2")]
+    run_distributed(_save_and_continue, 2, keys, checkpoint, straight)
+    states = checkpoint / "zero" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "code-ran"
+    state = torch.load(states, weights_only=False)  # our own file, trusted here
+    torch.save({**state, "planted": _Planted(marker)}, states)
+    run_distributed(_load_only, 2, keys, checkpoint)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_per_parameter_clipping_on_shards_equals_whole_parameters(tmp_path: Path, engine: str):
     """FSDP2 clips each parameter by the norm of its whole gradient (shards summed): it follows

@@ -151,3 +151,25 @@ def test_a_lost_rank_stops_the_other_within_bounded_time_naming_it(tmp_path: Pat
     assert ranks[0].returncode != 0
     assert "rank 1 (" in err and f"pid {ranks[1].pid}" in err, err[-2000:]
     assert waited < 60, f"rank 0 needed {waited:.0f} s to leave"  # heartbeat limit 6 s, plus start-up slack
+
+
+# ------------------------------------------------------------------------- corrupt checkpoint
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path: Path):
+    run = tmp_path / "run"
+    args = ["train", str(QUICKSTART), *TINY, f"log.dir={run}", "checkpoint.every_steps=2", "checkpoint.keep=2"]
+    first = subprocess.run([sys.executable, "-m", "bigssl", *args, "optim.max_steps=4"], cwd=REPO, env=worker_env(),
+                           capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    newest = run / "checkpoints" / "step_00000004" / "state.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit pattern in the middle: still a loadable size
+    newest.write_bytes(bytes(data))
+    second = subprocess.run([sys.executable, "-m", "bigssl", *args, "optim.max_steps=6"], cwd=REPO,
+                            env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "step_00000004 is corrupt (state.pt: sha256 mismatch)" in second.stderr
+    assert "resumed from" in second.stderr and "step_00000002 (step 2)" in second.stderr
+    assert (run / "checkpoints" / "step_00000004.corrupt" / "state.pt").exists()  # set aside, not deleted
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 3-4 retrained, logged once

@@ -165,7 +165,25 @@ class DeepSpeedEngine(Engine):
         self.ds.save_checkpoint(str(directory), tag=TAG, client_state={"extra": extra})
 
     def load(self, directory: Path) -> dict[str, Any]:
-        path, client_state = self.ds.load_checkpoint(str(directory), tag=TAG)
+        # DeepSpeed reads its files with weights_only=False (full pickle: a crafted checkpoint runs
+        # code). Its checkpoint engine's load is swapped for the weights-only unpickler for this
+        # call, with the few DeepSpeed classes its files hold allowed by name.
+        checkpoint_engine = self.ds.checkpoint_engine
+        checkpoint_engine.load = _weights_only_load
+        try:
+            path, client_state = self.ds.load_checkpoint(str(directory), tag=TAG)
+        finally:
+            del checkpoint_engine.load  # the class's method again
         if path is None:
             raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
         return client_state["extra"]
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, ZeroStageEnum, fragment_address]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
