@@ -139,18 +139,19 @@ class Checkpointer:
         self._together(write)
 
     def _check_finite(self, engine: Engine, final: Path, kept: str) -> None:
-        """Never write a checkpoint with a NaN or Inf weight: resuming from it would lose the run.
-        Each rank checks its local shards; one flag per tensor, read back with one sync per device."""
-        named = [(f"parameter {n}", p) for n, p in engine.method.named_parameters()]
-        named += [(f"buffer {n}", b) for n, b in engine.method.named_buffers() if b.is_floating_point()]
-        tensors = [(name, engine.local_tensor(t)) for name, t in named]
-        tensors = [(name, t) for name, t in tensors if t.is_floating_point() or t.is_complex()]
+        """Never write a checkpoint with a NaN or Inf weight, or a NaN buffer: resuming from it
+        would lose the run. (Buffers may hold ±inf on purpose: an attention mask.) Each rank checks
+        its local shards; one flag per tensor, read back with one sync per device."""
+        named = [(f"parameter {n}", p, torch.isfinite) for n, p in engine.method.named_parameters()]
+        named += [(f"buffer {n}", b, _not_nan) for n, b in engine.method.named_buffers() if b.is_floating_point()]
+        tensors = [(name, engine.local_tensor(t), test) for name, t, test in named]
+        tensors = [(name, t, test) for name, t, test in tensors if t.is_floating_point() or t.is_complex()]
         by_device: dict[torch.device, list[int]] = {}
-        for index, (_, tensor) in enumerate(tensors):
+        for index, (_, tensor, _) in enumerate(tensors):
             by_device.setdefault(tensor.device, []).append(index)
         non_finite: list[int] = []
         for indices in by_device.values():
-            flags = torch.stack([torch.isfinite(tensors[i][1]).all() for i in indices]).tolist()
+            flags = torch.stack([tensors[i][2](tensors[i][1]).all() for i in indices]).tolist()
             non_finite += [i for i, ok in zip(indices, flags, strict=True) if not ok]
         first = tensors[min(non_finite)][0] if non_finite else None
         if comm.all_agree(first is None):
@@ -363,3 +364,7 @@ def _describe(exc: BaseException, where: Path) -> str:
         with contextlib.suppress(OSError):
             text += f"; {shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
     return text
+
+
+def _not_nan(tensor: torch.Tensor) -> torch.Tensor:
+    return ~torch.isnan(tensor)

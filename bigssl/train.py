@@ -340,7 +340,8 @@ class Trainer:
                     monitor.image("views/first_batch", view_grid(batch["views"], self.data.photometric), 0)
                 lr = self._set_lr(p.step)
                 out = self.engine.forward(batch, p.step)
-                if self._finite_everywhere(out["loss"]):
+                finite = self._finite_everywhere(out["loss"])
+                if finite:
                     self.engine.backward(out["loss"])
                     grad_norm = self.engine.step()
                     if pairs := self.method.ema_pairs():
@@ -356,7 +357,9 @@ class Trainer:
                 p.epoch_step += 1
                 # (Every rank agrees on skipped steps, so on whether the window has any.)
                 if (p.step % config.log.every_steps == 0 or p.step == self.last_step) and window.steps:
-                    values = {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics(), **self._health(out, p.step)}
+                    # Health from a skipped step's NaN embeddings would only raise false alarms.
+                    health_values = self._health(out, p.step) if finite else {}
+                    values = {"lr": lr, "grad_norm": grad_norm, **self.engine.metrics(), **health_values}
                     if p.nonfinite:
                         values["nonfinite_steps"] = p.nonfinite
                     self._log_window(monitor, window, values, loader.skipped())

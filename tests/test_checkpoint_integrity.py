@@ -195,13 +195,14 @@ def test_a_bug_in_engine_save_keeps_its_traceback(tmp_path: Path):
     assert_only_first_kept(checkpointer)
 
 
-@pytest.mark.parametrize("where", ["weight", "running_mean"])
-def test_non_finite_weights_are_never_written(tmp_path: Path, where: str):
+@pytest.mark.parametrize(("where", "value"), [("weight", float("inf")), ("weight", float("nan")),
+                                               ("running_mean", float("nan"))])
+def test_non_finite_weights_are_never_written(tmp_path: Path, where: str, value: float):
     checkpointer = Checkpointer(tmp_path / "run", keep=1, is_main=True)
     checkpointer.save(100, FakeEngine(FILES), {})
     method = nn.BatchNorm1d(3)
     with torch.no_grad():
-        getattr(method, where)[1] = float("nan") if where == "weight" else float("inf")
+        getattr(method, where)[1] = value
     engine = FakeEngine(FILES, method=method)
     with pytest.raises(UserError) as raised:
         checkpointer.save(200, engine, {})
@@ -210,6 +211,16 @@ def test_non_finite_weights_are_never_written(tmp_path: Path, where: str):
     assert str(raised.value).endswith("the last good checkpoint step_00000100 is kept")
     assert engine.saves == 0
     assert_only_first_kept(checkpointer)
+
+
+def test_an_infinite_buffer_is_written(tmp_path: Path):
+    """Buffers may hold -inf on purpose (a causal attention mask); only NaN marks them broken."""
+    method = nn.BatchNorm1d(3)
+    method.register_buffer("mask", torch.full((2, 2), float("-inf")).triu(1))
+    checkpointer = Checkpointer(tmp_path / "run", keep=1, is_main=True)
+    engine = FakeEngine(FILES, method=method)
+    checkpointer.save(100, engine, {})
+    assert engine.saves == 1 and checkpointer.latest().name == "step_00000100"
 
 
 # ------------------------------------------------------------------------ the real DDP engine

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import make_shards, pattern
-from helpers import QUICKSTART, REPO, free_port, worker_env
+from helpers import QUICKSTART, REPO, free_port, run_distributed, worker_env
 from torch import nn
 
 from bigssl import config as config_lib
 from bigssl.config import MethodConfig
+from bigssl.distributed import comm
 from bigssl.methods.base import Method, register
 from bigssl.train import TrainingDiverged, train
 
@@ -36,6 +37,7 @@ TINY = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim
 class NanAtConfig(MethodConfig):
     name: str = "test_nan_at"
     nan_steps: list[int] = field(default_factory=list)  # steps whose loss is NaN
+    nan_rank: int = -1  # only on this rank (-1: every rank)
     weights_log: str = ""
 
 
@@ -51,11 +53,12 @@ class NanAt(Method):
         self.backbone = nn.Linear(3, 2)
 
     def training_step(self, batch, step):
-        with open(self.config.method.weights_log, "a") as handle:
+        method = self.config.method
+        with open(method.weights_log.format(rank=comm.rank()), "a") as handle:
             handle.write(json.dumps({"step": step, "weight": self.backbone.weight.detach().flatten().tolist()}) + "\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))
         loss = self.backbone(pooled).pow(2).mean()
-        if step in self.config.method.nan_steps:
+        if step in method.nan_steps and method.nan_rank in (-1, comm.rank()):
             loss = loss * float("nan")
         return {"loss": loss}
 
@@ -70,9 +73,28 @@ def nan_overrides(tmp_path: Path, nan_steps: list[int], limit: int) -> list[str]
             f"method.weights_log={tmp_path / 'weights.jsonl'}"]
 
 
-def weights_by_step(tmp_path: Path) -> dict[int, list[float]]:
-    lines = (tmp_path / "weights.jsonl").read_text().splitlines()
+def weights_by_step(tmp_path: Path, rank: int | None = None) -> dict[int, list[float]]:
+    lines = (tmp_path / ("weights.jsonl" if rank is None else f"weights-{rank}.jsonl")).read_text().splitlines()
     return {r["step"]: r["weight"] for r in map(json.loads, lines)}
+
+
+def _train_rank(rank: int, world_size: int, recipe: Path, overrides: list[str]) -> None:
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size)})  # the group is up already
+    train(config_lib.load(recipe, overrides))
+
+
+@pytest.mark.distributed
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(tmp_path: Path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  name: test_nan_at\n")
+    overrides = [*nan_overrides(tmp_path, [3], limit=2), "method.nan_rank=1", "optim.batch_size=16",
+                 f"method.weights_log={tmp_path / 'weights-{rank}.jsonl'}"]
+    run_distributed(_train_rank, 2, recipe, overrides)
+    for rank in range(2):
+        weights = weights_by_step(tmp_path, rank)
+        assert weights[4] == weights[3] != weights[2]  # rank 0's loss was finite: it skipped too
+        assert weights[5] != weights[4]
+    assert weights_by_step(tmp_path, 0) == weights_by_step(tmp_path, 1)  # replicas stay identical
 
 
 def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path: Path, capfd: pytest.CaptureFixture):
