@@ -107,8 +107,11 @@ class TrainingDiverged(UserError):
 
 
 class Trainer:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, stop_request: preemption.StopRequest | None = None) -> None:
         self.config = config
+        # Installed by train() before anything slow (joining the group, building, resuming), so
+        # a stop signal during start-up is honoured after the first step instead of killing it.
+        self.stop_request = stop_request or preemption.StopRequest()
         runtime.keep_freed_memory()  # before workers fork: they inherit it
         self.env = env_lib.detect()
         self.backend = env_lib.init(self.env, config.engine.backend, config.engine.timeout_s,
@@ -143,7 +146,6 @@ class Trainer:
         self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
         self.window = _Window(self.device)
-        self.stop_request = preemption.StopRequest()
 
     # ----------------------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
@@ -298,13 +300,11 @@ class Trainer:
         p = self.progress
         monitor = Monitor(self.run_dir, self.env.is_main, self.last_step, p.step,
                           tensorboard=config.log.tensorboard, progress=config.log.progress)
-        self.stop_request.install()
         try:
             for message in messages:
                 monitor.message(message)
             return self._run(monitor, fresh=resume_from is None)
         finally:
-            self.stop_request.restore()
             monitor.close()  # also on errors, so the bar does not print after the error line
 
     def _run(self, monitor: Monitor, fresh: bool) -> dict[str, float]:
@@ -483,8 +483,10 @@ class Trainer:
 
 
 def train(config: Config) -> dict[str, float]:
+    stop_request = preemption.StopRequest()
+    stop_request.install()
     try:
-        scores = Trainer(config).fit()
+        scores = Trainer(config, stop_request).fit()
     except preemption.Stopped:
         env_lib.shutdown()  # every rank stopped at the same step: leave together
         raise
@@ -494,5 +496,7 @@ def train(config: Config) -> dict[str, float]:
         if lost:
             raise env_lib.RankLost(lost) from err
         raise
+    finally:
+        stop_request.restore()
     env_lib.shutdown()
     return scores

@@ -35,6 +35,7 @@ class IdRecorderConfig(MethodConfig):
     name: str = "test_id_recorder"
     out: str = ""
     signal_at_step: int = -1  # rank 0 sends itself SIGUSR1 during this step (a preemption notice)
+    signal_when_built: bool = False  # ... or while the trainer is still starting up
 
 
 @register("test_id_recorder")
@@ -46,6 +47,8 @@ class IdRecorder(Method):
     def __init__(self, config) -> None:
         super().__init__(config)
         self.backbone = nn.Linear(3, 2)
+        if config.method.signal_when_built:
+            os.kill(os.getpid(), signal.SIGUSR1)
 
     def training_step(self, batch, step):
         if step == self.config.method.signal_at_step and comm.rank() == 0:
@@ -169,3 +172,13 @@ def test_resumed_epoch_replays_the_uninterrupted_batches_and_views(tmp_path: Pat
     weights = [state["method"] for state in final]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # bit for bit
+
+
+def test_a_stop_signal_during_start_up_stops_after_the_first_step(tmp_path: Path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method:\n  name: test_id_recorder\n")
+    run = tmp_path / "run"
+    overrides = replay_overrides(textured_shards(tmp_path / "ds"), run, str(tmp_path / "ids-{rank}.txt"), 1)
+    with pytest.raises(Stopped, match="SIGUSR1 received: stopped after step 1"):
+        train(config_lib.load(recipe, [*overrides, "method.signal_when_built=true"]))
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
