@@ -155,8 +155,9 @@ class CheckpointConfig:
     every_steps: int = 500  # 0 = only at the end of each epoch
     keep: int = 2
     resume: bool = True  # resume from the newest checkpoint in log.dir when there is one
-    # After the checkpoint that a stop signal (USR1, TERM) triggers, under SLURM: requeue the job
-    # (`scontrol requeue $SLURM_JOB_ID`) so that it resumes by itself.
+    # After the checkpoint that USR1 (the time-limit warning) triggers, under SLURM: requeue the
+    # job (`scontrol requeue $SLURM_JOB_ID`) so that it resumes by itself. SIGTERM (scancel,
+    # preemption) checkpoints and exits without requeueing.
     requeue: bool = True
 
 

@@ -2,10 +2,13 @@
 
 Schedulers warn before they take the nodes: SLURM sends the signal of `--signal` (USR1 in
 slurm/train.sbatch) ahead of the time limit, and SIGTERM when it preempts or cancels a job. On
-either, every rank finishes the step it is in, the ranks agree on the step to stop after, a
-checkpoint is written, and rank 0 runs `scontrol requeue $SLURM_JOB_ID`; the rerun resumes from
-that checkpoint in the same log.dir. The process then exits with EXIT_CODE (EX_TEMPFAIL: "try
-again later"), so a launcher or a shell can tell "stopped, resumable" from done or failed.
+either, every rank finishes the step it is in, the ranks agree on the step to stop after and a
+checkpoint is written. After USR1, rank 0 also runs `scontrol requeue $SLURM_JOB_ID`, and the
+rerun resumes from that checkpoint in the same log.dir. Not after SIGTERM: that is also what
+`scancel JOB` sends, and a job that requeued itself then could never be cancelled (measured on
+the test cluster: it came back as run 1); SLURM requeues the jobs it preempts itself
+(PreemptMode=REQUEUE). The process exits with EXIT_CODE (EX_TEMPFAIL: "try again later"), so a
+launcher or a shell can tell "stopped, resumable" from done or failed.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+REQUEUE_SIGNAL = "SIGUSR1"  # the time-limit warning: the only one after which the job requeues itself
 EXIT_CODE = 75
 
 

@@ -422,7 +422,7 @@ class Trainer:
         message = (f"bigssl: {'/'.join(signals)} received: stopped after step {self.progress.step}, "
                    f"checkpoint {self.checkpoints.latest()}")
         job = preemption.slurm_job_id()
-        if self.env.is_main and job and self.config.checkpoint.requeue:
+        if self.env.is_main and job and self.config.checkpoint.requeue and preemption.REQUEUE_SIGNAL in signals:
             # Before the last barrier: once a rank exits, srun --kill-on-bad-exit may end rank 0.
             message += "; " + preemption.requeue_slurm_job(job)
         monitor.message(message)

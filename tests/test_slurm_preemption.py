@@ -97,3 +97,21 @@ def test_usr1_checkpoints_requeues_and_the_rerun_matches_an_uninterrupted_run(
     resumed, uninterrupted = (load_file(run / "backbone.safetensors") for run in (cut, whole))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
+
+
+def test_scancel_checkpoints_and_cancels_without_requeue(tmp_path: Path, slurm_cluster: dict[str, str]):
+    """SIGTERM from a plain `scancel` writes a checkpoint but must not requeue: a job that
+    requeued itself on it could never be cancelled."""
+    env = {**worker_env(), **slurm_cluster, "PYTHON": sys.executable}
+    log, run = tmp_path / "job.out", tmp_path / "run"
+    job = submit(env, log, overrides(textured_shards(tmp_path / "train"), "", run))
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and '"loss"' in (run / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline, log.read_text()[-3000:] if log.exists() else "no log"
+        time.sleep(0.1)
+    subprocess.run(["scancel", job], env=env, check=True)
+    state = wait_done(env, job, log, timeout=120)
+    text = log.read_text()
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", text[-3000:]
+    assert "SIGTERM received: stopped after step" in text and "requeued" not in text, text[-3000:]
+    assert list((run / "checkpoints").glob("step_*")), "no checkpoint written on SIGTERM"
