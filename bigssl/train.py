@@ -340,7 +340,10 @@ class Trainer:
                     monitor.image("views/first_batch", view_grid(batch["views"], self.data.photometric), 0)
                 lr = self._set_lr(p.step)
                 out = self.engine.forward(batch, p.step)
-                finite = self._finite_everywhere(out["loss"])
+                # One small collective per step: a finite loss on every rank, and whether a stop
+                # signal reached any rank (then every rank stops after this same step).
+                finite, stop = comm.agree(bool(torch.isfinite(out["loss"].detach()).all()),
+                                          self.stop_request.received is not None)
                 if finite:
                     self.engine.backward(out["loss"])
                     grad_norm = self.engine.step()
@@ -367,8 +370,7 @@ class Trainer:
                 if every and p.step % every == 0 and p.step < self.last_step:
                     self._save(loader.skipped())
                     last_saved = p.step
-                # One small collective per step: every rank stops after the same step.
-                if p.step < self.last_step and comm.any_true(self.stop_request.received is not None):
+                if stop and p.step < self.last_step:
                     self._stop(monitor, loader.skipped(), saved=p.step == last_saved)
             epoch_skips = loader.skipped()
             del batches  # shut this epoch's workers down before anything else runs
@@ -397,10 +399,6 @@ class Trainer:
         if any(skipped.values()):
             monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
         return final_scores
-
-    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
-        """The loss is finite on every rank (a host sync and one small collective per step)."""
-        return comm.all_agree(bool(torch.isfinite(loss.detach()).all()))
 
     def _skip_nonfinite(self, monitor: Monitor, in_a_row: int) -> None:
         p, limit = self.progress, self.config.optim.nonfinite_limit

@@ -122,13 +122,14 @@ def all_agree(flag: bool) -> bool:
     return bool(value.item())
 
 
-def any_true(flag: bool) -> bool:
-    """True if `flag` is true on any rank (e.g. 'a stop signal reached me')."""
+def agree(every: bool, some: bool) -> tuple[bool, bool]:
+    """(`every` is true on every rank, `some` is true on some rank), in one small collective: the
+    per-step vote of the trainer (the loss is finite everywhere; a stop signal came somewhere)."""
     if not is_distributed():
-        return flag
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_cpu_group)
-    return bool(value.item())
+        return every, some
+    value = torch.tensor([1 if every else 0, 0 if some else 1], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
+    return bool(value[0]), not bool(value[1])
 
 
 def all_gather_object(obj: object) -> list[object]:
