@@ -239,7 +239,7 @@ class ShardStream(IterableDataset):
             # Augmentations draw from the worker's generators: seed them from the same
             # (seed, epoch, rank, worker). In-process iteration keeps the caller's generator.
             torch.manual_seed(rng.getrandbits(63))
-            random.seed(rng.getrandbits(63))  # crop geometry draws from Python's generator
+            random.seed(rng.getrandbits(63))  # for transforms not seeded per sample
             preemption.ignore_in_worker()  # stop signals are the main process's to handle
         stats: Counter = Counter()
         items = self._shuffled(self._interleaved(rng, self._shards(worker, workers, rng), stats), rng)
@@ -259,24 +259,20 @@ class ShardStream(IterableDataset):
                 # Used before the restart: not decoded again, but a good one still takes its
                 # place in the micro-batch, so the boundaries (and the DataLoader's round-robin
                 # over workers) stay those of the uninterrupted epoch. Its skip was counted then.
-                if not self.replay_bad.contains(shard, ordinal):
+                good += not self.replay_bad.contains(shard, ordinal)
+            else:
+                try:
+                    if self.seed_samples:
+                        out = self.transform(sample, random.Random(f"{spec.seed}/{spec.epoch}/{shard}/{ordinal}"))
+                    else:
+                        out = self.transform(sample)
+                    first_id = self.shard_set.shards[shard].first_id
+                    out["id"] = -1 if first_id is None else first_id + ordinal
                     good += 1
-                    if good == spec.micro_batch:
-                        yield self._collate(pending, stats, worker)
-                        pending, good = [], 0
-                continue
-            try:
-                if self.seed_samples:
-                    out = self.transform(sample, random.Random(f"{spec.seed}/{spec.epoch}/{shard}/{ordinal}"))
-                else:
-                    out = self.transform(sample)
-                first_id = self.shard_set.shards[shard].first_id
-                out["id"] = -1 if first_id is None else first_id + ordinal
-                good += 1
-            except BadSample as bad:
-                stats[bad.reason] += 1
-                out = None
-            pending.append((shard, ordinal, out))
+                except BadSample as bad:
+                    stats[bad.reason] += 1
+                    out = None
+                pending.append((shard, ordinal, out))
             if good == spec.micro_batch:
                 yield self._collate(pending, stats, worker)
                 pending, good = [], 0
