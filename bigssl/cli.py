@@ -30,8 +30,9 @@ def _train(args: argparse.Namespace) -> int:
     except Stopped as stop:  # checkpoint written (and the SLURM job requeued): resumable
         code = stop.exit_code
     if detect().distributed:
-        # torch 2.14 + gloo can abort in its exit handlers after all work is done
-        # (reference/stack.md); the run is complete and flushed, so leave without them.
+        # torch 2.14 + gloo can abort in its exit handlers after all work is done ("terminate
+        # called without an active exception", about 1 run in 5); the run is complete and
+        # flushed, so leave without them.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -59,7 +60,7 @@ def _eval(args: argparse.Namespace) -> int:
                                  {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "standardize": not args.no_standardize}))
     evaluate(args.kind, Path(args.source), options)
-    if detect().distributed:  # as after training: skip gloo's exit handlers (reference/stack.md)
+    if detect().distributed:  # as after training: skip gloo's exit handlers, which can abort
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

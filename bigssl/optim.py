@@ -50,7 +50,9 @@ class LARS(torch.optim.Optimizer):
 
     Per tensor: g ← g + wd·w; if the group adapts, g ← g · η‖w‖/‖g‖ (when both norms are
     non-zero); μ ← m·μ + g; w ← w − lr·μ. This is the variant of BYOL, Barlow Twins and MoCo v3
-    (reference/methods.md §6.1); groups with `lars_adapt=False` reduce to momentum SGD.
+    (google-deepmind/deepmind-research byol/utils/optimizers.py, facebookresearch/barlowtwins
+    main.py, facebookresearch/moco-v3 moco/optimizer.py); groups with `lars_adapt=False` reduce
+    to momentum SGD.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,

@@ -15,7 +15,7 @@ def test_quickstart_recipe_loads_with_overrides():
     assert config.optim.batch_size == 512
     assert config.method.temperature == 0.3
     assert config.log.dir == "/tmp/x"
-    # The keys scripts rely on (design.md §3) exist under these names.
+    # The keys scripts rely on (docs/architecture.md, "Public surface") exist under these names.
     for key in ("seed", "data.train", "data.val", "data.samples_per_epoch", "optim.batch_size", "optim.epochs",
                 "optim.max_steps", "engine.kind", "engine.precision", "log.dir"):
         config_lib.get(config, key)

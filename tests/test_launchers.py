@@ -3,7 +3,8 @@ deepspeed launcher and accelerate here, torchrun in tests/test_e2e.py (with ever
 
 Every worker prints `bigssl: rank r of W` only after checking that its process group really has
 W ranks, so finding both ranks' lines proves two synchronised processes, not two lonely ones
-(accelerate's `--cpu` flag, for one, silently starts a single process: reference/stack.md).
+(accelerate's `--cpu` flag, for one, silently starts a single process: `accelerate launch --cpu
+--num_processes 2` was measured to start one).
 """
 
 from __future__ import annotations

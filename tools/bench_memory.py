@@ -108,7 +108,7 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
                                          "master": master}))
     env.shutdown()
     sys.stdout.flush()
-    os._exit(0)  # torch + gloo can abort in exit handlers (reference/stack.md)
+    os._exit(0)  # torch + gloo can abort in exit handlers after all work is done
 
 
 def measure(model: str, engine: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Decode sample members: images straight to uint8 CHW tensors, labels, captions.
 
-JPEG goes through simplejpeg (libjpeg-turbo, no PIL object; reference/stack.md measures it
-~20 % faster than PIL); other formats, and JPEGs simplejpeg refuses (CMYK, say), through PIL.
+JPEG goes through simplejpeg (libjpeg-turbo, no PIL object; faster than PIL: tools/bench_loader.py
+measures both); other formats, and JPEGs simplejpeg refuses (CMYK, say), through PIL.
 torchvision's decoders are deprecated from 0.29 on. Anything undecodable raises `BadSample`
 with a reason, which the stream counts and skips.
 """

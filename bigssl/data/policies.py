@@ -1,4 +1,11 @@
-"""The published augmentation settings of each view policy (reference/methods.md §1.3).
+"""The published augmentation settings of each view policy. Sources: InstDisc and MoCo v1,
+zhirongw/lemniscate.pytorch main.py and facebookresearch/moco main_moco.py; MoCo v2 "aug+" (also
+SimSiam's), facebookresearch/moco main_moco.py `--aug-plus`; SimCLR, Chen et al. 2020 (arXiv
+2002.05709) App. A and google-research/simclr data_util.py; BYOL (also Barlow Twins' and MoCo
+v3's), google-deepmind/deepmind-research byol/utils/augmentations.py; SwAV, facebookresearch/swav
+src/multicropdataset.py; DINO, facebookresearch/dino main_dino.py; CMC, HobbitLong/CMC
+train_CMC.py; CPC, van den Oord et al. 2018 (arXiv 1807.03748) §3.2; CLIP, Radford et al. 2021
+(arXiv 2103.00020) §2 and openai/CLIP clip/clip.py (its normalisation).
 
 A recipe names a policy in `data.views.policy`; every `data.views` field it leaves empty takes
 the value below, so `--print-config` shows exactly what runs. Sizes given as fractions of the

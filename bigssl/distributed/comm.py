@@ -37,7 +37,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     Backward sums the incoming gradient over ranks and returns this rank's slice, so a loss
     computed on the gathered tensor sends ∂L_r'/∂x_r from every rank r' back to x_r. A plain
     `dist.all_gather` has no backward at all: every rank would miss the gradient that the other
-    ranks' anchors put on its samples (reference/stack.md measures the error).
+    ranks' anchors put on its samples (tests/test_distributed_loss.py shows the wrong gradient).
     """
     if not is_distributed():
         return x

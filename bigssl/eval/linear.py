@@ -1,7 +1,8 @@
 """Linear probe on cached (frozen) backbone features, following each method's published protocol.
 
-The protocols are reference/methods.md §1.4 (optimizer, base lr and its batch scaling, batch,
-epochs, weight decay, schedule). The published probes train on augmented crops; on cached
+Each protocol (optimizer, base lr and its batch scaling, batch, epochs, weight decay, schedule)
+names its source: a paper section or an official evaluation script. The published probes train
+on augmented crops; on cached
 features of the deterministic view each epoch is one pass over fixed vectors, which is far
 cheaper and typically scores a little lower. Override any field from the command line.
 

@@ -1,5 +1,5 @@
 # A single-node SLURM on 127.0.0.1 for tests (munged + slurmctld + slurmd as root, all state in
-# $SLURM_DIR). After shared/reference/slurm-ci.md, which measured it: ready in about 1 s.
+# $SLURM_DIR). Measured on the CI machines: ready in about 1 s.
 #   source tests/slurm/cluster.sh; slurm_up && echo "$SLURM_CONF $SLURM_PIDS"; ...; slurm_down
 slurm_up() {
   local dir=${SLURM_DIR:?SLURM_DIR must name an empty directory}
