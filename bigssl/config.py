@@ -234,7 +234,7 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def _method_schema(name: str) -> MethodConfig:
-    from bigssl.methods import method_config_class  # methods import this module; import late
+    from bigssl.methods import method_config_class  # torch-free for built-ins; they import this module
 
     return method_config_class(name)()
 

@@ -1,4 +1,4 @@
-"""What a run reports: metrics.jsonl, TensorBoard scalars and a progress bar, from rank 0 only."""
+"""What a run reports: metrics.jsonl, TensorBoard scalars, progress and messages, from rank 0 only."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
+from bigssl.progress import ProgressLine
 
 
 def _drop_records_after(path: Path, step: int) -> None:
@@ -28,11 +28,12 @@ def _drop_records_after(path: Path, step: int) -> None:
 
 
 class Monitor:
-    def __init__(self, run_dir: Path, is_main: bool, total_steps: int, start_step: int,
-                 tensorboard: bool = True, progress: bool = True) -> None:
+    def __init__(self, run_dir: Path, is_main: bool, start_step: int, tensorboard: bool = True,
+                 progress: bool = True) -> None:
         self.is_main = is_main
         self.writer = None
-        self.bar = None
+        self.show_progress = progress
+        self.bar: ProgressLine | None = None
         self.metrics_file = None
         if not is_main:
             return
@@ -45,9 +46,6 @@ class Monitor:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
-        if progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and write each number as a TensorBoard scalar."""
@@ -71,21 +69,25 @@ class Monitor:
         if self.writer is not None:
             self.writer.add_embedding(features, metadata=labels, tag=tag, global_step=step)
 
-    def progress(self, steps: int, postfix: dict[str, str]) -> None:
+    def start_progress(self, total_steps: int, start_step: int) -> None:
+        """From here on each log window reports its step (timed from now, not from start-up)."""
+        if self.is_main and self.show_progress:
+            self.bar = ProgressLine(total_steps, start_step)
+
+    def progress(self, step: int, fields: dict[str, str]) -> None:
         if self.bar is not None:
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(steps)
+            self.bar.update(step, fields)
 
     def message(self, text: str) -> None:
         if not self.is_main:
             return
         if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
+            self.bar.write(text)
         else:
             print(text, file=sys.stderr, flush=True)
 
     def end_progress(self) -> None:
-        """Close the bar so that what follows (evaluation, summary) prints below it."""
+        """End the live line so that what follows (evaluation, summary) prints below it."""
         if self.bar is not None:
             self.bar.close()
             self.bar = None

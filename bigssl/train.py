@@ -267,6 +267,12 @@ class Trainer:
     def _baselines(self, monitor: Monitor) -> None:
         """Scores to compare the trained backbone against, taken before the first step."""
         ev = self.config.eval
+        names = [name for name, wanted in (("the random-init backbone", ev.knn_baseline), ("raw pixels", ev.knn_pixels))
+                 if wanted]
+        if not names:
+            return
+        started = time.perf_counter()
+        monitor.message(f"bigssl: baselines: kNN of {' and '.join(names)} on {self.config.data.val}…")
         if ev.knn_baseline:
             scores = self._knn()
             self.progress.knn["random_init"] = scores["top1"]
@@ -280,6 +286,8 @@ class Trainer:
             scores = self._knn(torch.nn.Flatten())
             self.progress.knn["pixels"] = scores["top1"]
             monitor.log(0, {"knn/pixels_top1": scores["top1"], "knn/pixels_top5": scores["top5"]})
+        found = ", ".join(f"{BASELINE_NAMES.get(name, name)} {score:.4f}" for name, score in self.progress.knn.items())
+        monitor.message(f"bigssl: baselines: {found} ({time.perf_counter() - started:.0f} s)")
 
     def _knn_due(self, epochs_done: int) -> bool:
         every = self.config.eval.knn_every_epochs
@@ -298,8 +306,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
         p = self.progress
-        monitor = Monitor(self.run_dir, self.env.is_main, self.last_step, p.step,
-                          tensorboard=config.log.tensorboard, progress=config.log.progress)
+        monitor = Monitor(self.run_dir, self.env.is_main, p.step, tensorboard=config.log.tensorboard,
+                          progress=config.log.progress)
         try:
             for message in messages:
                 monitor.message(message)
@@ -312,6 +320,8 @@ class Trainer:
         evaluating = self.val_shards is not None and (config.eval.knn_at_end or config.eval.knn_every_epochs > 0)
         if evaluating and fresh:
             self._baselines(monitor)
+        self._announce_training(monitor)
+        monitor.start_progress(self.last_step, p.step)
 
         window = self.window
         last_saved = p.step
@@ -383,7 +393,8 @@ class Trainer:
                 self._save(epoch_skips)
                 last_saved = p.step
             if evaluating and self._knn_due(p.epoch) and p.step < self.last_step:
-                self._evaluate(monitor, p.step, final=False)
+                scores = self._evaluate(monitor, p.step, final=False)
+                monitor.message(f"bigssl: kNN after epoch {p.epoch} (step {p.step}): top-1 {scores['top1']:.4f}")
 
         monitor.end_progress()
         if p.step != last_saved:
@@ -393,12 +404,34 @@ class Trainer:
             save_backbone(backbone, self.run_dir / "backbone.safetensors")
         final_scores: dict[str, float] = {}
         if evaluating and (config.eval.knn_at_end or (p.epoch_step == 0 and self._knn_due(p.epoch))):
+            started = time.perf_counter()
+            monitor.message(f"bigssl: final evaluation: kNN of the trained backbone on {config.data.val}…")
             final_scores = self._evaluate(monitor, p.step, final=True)
+            monitor.message(f"bigssl: final evaluation done ({time.perf_counter() - started:.0f} s)")
             monitor.message(self._summary(p.step, final_scores))
         skipped = self._skipped_now(epoch_skips)
         if any(skipped.values()):
             monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
+        if self.env.is_main:
+            monitor.message(self._run_directory_note())
         return final_scores
+
+    def _announce_training(self, monitor: Monitor) -> None:
+        p, config = self.progress, self.config
+        where = f"resuming at step {p.step}" if p.step else "from step 0"
+        monitor.message(f"bigssl: training: {self.last_step} steps ({config.optim.epochs} epochs of "
+                        f"{self.steps_per_epoch} steps, global batch {config.optim.batch_size}, "
+                        f"{self.env.world_size} rank{'s' if self.env.world_size > 1 else ''}), {where}; "
+                        f"writing to {self.run_dir}")
+
+    def _run_directory_note(self) -> str:
+        """Where everything went, and the one command to look at it."""
+        entries = sorted(path.name + ("/" if path.is_dir() else "") for path in self.run_dir.iterdir()
+                         if not path.name.startswith("."))
+        note = f"bigssl: run directory {self.run_dir}: {', '.join(entries)}"
+        if (self.run_dir / "tb").is_dir():
+            note += f"\nbigssl: to look at it: tensorboard --logdir {self.run_dir / 'tb'}"
+        return note
 
     def _skip_nonfinite(self, monitor: Monitor, in_a_row: int) -> None:
         p, limit = self.progress, self.config.optim.nonfinite_limit
@@ -443,8 +476,9 @@ class Trainer:
         monitor.log(step, record)
         for warning in self.collapse_watch.check(step, record):
             monitor.message(warning)
-        monitor.progress(window.timed_steps, {"loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
-                                        "img/s": f"{record['images_per_s']:.0f}"})
+        monitor.progress(step, {"epoch": f"{record['epoch']:.2f}", "loss": f"{loss:.4f}", "lr": f"{values['lr']:.3g}",
+                                "img/s": f"{record['images_per_s']:.0f}",
+                                "data wait": f"{100 * record['data_wait_fraction']:.0f}%"})
         window.reset()
 
     def _health(self, out: dict[str, Any], step: int) -> dict[str, float]:
@@ -464,20 +498,34 @@ class Trainer:
     def _summary(self, step: int, scores: dict[str, float]) -> str:
         ev = self.config.eval
         baselines = {name: value for name, value in self.progress.knn.items() if not name.endswith("_zeroshot")}
-        lines = self._table(f"kNN top-1 (k={ev.knn_k}, T={ev.knn_temperature}) of {self.config.data.val}:",
-                            baselines, f"trained, step {step}", scores["top1"])
+        lines = _table(f"kNN top-1 (k={ev.knn_k}, T={ev.knn_temperature}) of {self.config.data.val}:",
+                       baselines, f"trained, step {step}", scores["top1"])
         if "zeroshot_top1" in scores:
             zero_shot = {name.removesuffix("_zeroshot"): value for name, value in self.progress.knn.items()
                          if name.endswith("_zeroshot")}
-            lines += self._table(f"zero-shot top-1 (class-name prompts) of {self.config.data.val}:", zero_shot,
-                                 f"trained, step {step}", scores["zeroshot_top1"])
+            lines += _table(f"zero-shot top-1 (class-name prompts) of {self.config.data.val}:", zero_shot,
+                            f"trained, step {step}", scores["zeroshot_top1"])
         return "\n".join(lines)
 
-    @staticmethod
-    def _table(title: str, baselines: dict[str, float], name: str, value: float) -> list[str]:
-        rows = [(key.replace("_", " "), score) for key, score in sorted(baselines.items())] + [(name, value)]
-        width = max(len(key) for key, _ in rows)
-        return [title] + [f"  {key:<{width}}  {score:.4f}" for key, score in rows]
+
+BASELINE_NAMES = {"pixels": "raw pixels", "random_init": "random init"}
+
+
+def verdict(baselines: dict[str, float], value: float) -> str:
+    """Which baselines the trained score beat, in words: 'beats raw pixels (+0.0325) and random init (+0.2735)'."""
+    beaten = [f"{BASELINE_NAMES.get(n, n)} (+{value - s:.4f})" for n, s in sorted(baselines.items()) if value > s]
+    missed = [f"{BASELINE_NAMES.get(n, n)} ({value - s:+.4f})" for n, s in sorted(baselines.items()) if value <= s]
+    text = "beats " + " and ".join(beaten) if beaten else "beats no baseline"
+    return text + ("; does not beat " + " or ".join(missed) if missed else "")
+
+
+def _table(title: str, baselines: dict[str, float], name: str, value: float) -> list[str]:
+    rows = [(BASELINE_NAMES.get(key, key), score) for key, score in sorted(baselines.items())] + [(name, value)]
+    width = max(len(key) for key, _ in rows)
+    lines = [title] + [f"  {key:<{width}}  {score:.4f}" for key, score in rows]
+    if baselines:
+        lines.append(f"  the trained backbone {verdict(baselines, value)}")
+    return lines
 
 
 def train(config: Config) -> dict[str, float]:

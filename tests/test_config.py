@@ -84,3 +84,21 @@ def test_print_config_prints_resolved_yaml_that_loads_back(tmp_path: Path):
     assert config_lib.load(printed) == config_lib.load(QUICKSTART, ["optim.batch_size=512"])
     values = yaml.safe_load(result.stdout)
     assert values["optim"]["lr"] == pytest.approx(values["optim"]["base_lr"] * 512 / 256)
+
+
+def test_recipes_are_read_and_checked_without_importing_torch():
+    """--print-config and config errors answer before torch and timm load (seconds on a cold disk)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from bigssl.cli import main; code = main(sys.argv[1:]); "
+             "heavy = sorted(m for m in ('torch', 'timm', 'webdataset', 'deepspeed') if m in sys.modules); "
+             "print('HEAVY', heavy, 'CODE', code)")
+    recipes = sorted((QUICKSTART.parent.parent).glob("*/*.yaml"))
+    assert len(recipes) >= 15
+    for args in ([str(QUICKSTART), "--print-config"], [str(recipes[-1]), "--print-config"],
+                 [str(QUICKSTART), "method.nope=1"], [str(QUICKSTART), "method.name=nope"]):
+        result = subprocess.run([sys.executable, "-c", probe, "train", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert "HEAVY [] CODE" in result.stdout, (args, result.stdout[-300:], result.stderr[-300:])
+        assert ("CODE 0" in result.stdout) == ("--print-config" in args)

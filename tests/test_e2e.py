@@ -38,6 +38,14 @@ def test_quickstart_one_process(tmp_path: Path):
     assert {"knn/random_init_top1", "knn/pixels_top1"} <= {k for r in records for k in r}
     assert all(r["world_size"] == 1 and r["images_per_s"] > 0 for r in records if "loss" in r)
     assert "random init" in result.stderr and "trained, step 4" in result.stderr
+    # Every phase says what it does, in order; off a terminal one plain line per log window.
+    phases = ["bigssl: baselines: kNN of the random-init backbone and raw pixels", "bigssl: baselines: random init",
+              "bigssl: training: 4 steps", "bigssl: step 2/4 (50%)", "bigssl: step 4/4 (100%)",
+              "bigssl: final evaluation: kNN of the trained backbone", "the trained backbone beats",
+              f"bigssl: run directory {run}:", f"tensorboard --logdir {run / 'tb'}"]
+    positions = [result.stderr.find(text) for text in phases]
+    assert -1 not in positions and positions == sorted(positions), list(zip(phases, positions, strict=True))
+    assert "\r" not in result.stderr
     events = EventAccumulator(str(run / "tb"), size_guidance={"images": 0})
     events.Reload()
     assert {"train/loss", "train/lr", "knn/top1"} <= set(events.Tags()["scalars"])

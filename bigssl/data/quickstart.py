@@ -17,6 +17,8 @@ import io
 import lzma
 import os
 import shutil
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,6 +100,9 @@ def materialize(split: str) -> Path:
     with open(target.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first process writes; the others wait, then reuse
         if not (target / INDEX_NAME).exists():
+            started = time.perf_counter()
+            print(f"bigssl: writing quickstart:{split} to shards in {target} (first use only)…", file=sys.stderr,
+                  flush=True)
             arrays = load_arrays()
             staging = target.with_name(f".{split}.partial-{os.getpid()}")
             shutil.rmtree(staging, ignore_errors=True)
@@ -112,6 +117,8 @@ def materialize(split: str) -> Path:
             write_shards(samples, staging, classes, maxcount=SHARD_SIZE)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(staging, target)
+            print(f"bigssl: wrote quickstart:{split} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
+                  flush=True)
     return target
 
 

@@ -175,7 +175,7 @@ def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.de
 
 
 def _report(saved: SavedRun, title: str, record: dict[str, float], n_train: int, n_val: int) -> None:
-    monitor = Monitor(saved.run_dir, is_main=True, total_steps=0, start_step=0, progress=False,
+    monitor = Monitor(saved.run_dir, is_main=True, start_step=0, progress=False,
                       tensorboard=saved.config.log.tensorboard)
     try:
         monitor.log(saved.step, record)

@@ -10,22 +10,14 @@ lower lr for biases and BN parameters is `optim.no_decay_lr_scale` (0.0048 / 0.2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import BarlowConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class BarlowConfig(MethodConfig):
-    name: str = "barlow"
-    lambd: float = 0.0051
-    differentiable_reduce: bool = True  # False: the official non-differentiable all_reduce of C
 
 
 @register("barlow")

@@ -127,12 +127,18 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(sorted(_REGISTRY))}")
+        from bigssl.methods import load_builtin
+
+        load_builtin(name)
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
-    return method_class(name).config_class
+    from bigssl.methods import method_config_class as lookup
+
+    return lookup(name)
 
 
 def build(config: Config) -> Method:
@@ -140,4 +146,7 @@ def build(config: Config) -> Method:
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    """Every built-in method and every plug-in registered so far."""
+    from bigssl.methods.configs import CONFIGS
+
+    return sorted(set(CONFIGS) | set(_REGISTRY))

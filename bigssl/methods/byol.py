@@ -10,23 +10,16 @@ the official code.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import BYOLConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
 from bigssl.schedules import cosine_to
-
-
-@dataclass
-class BYOLConfig(MethodConfig):
-    name: str = "byol"
-    momentum: float = 0.996  # target EMA at step 0, cosine to 1 at the end (BYOL §3.2)
-    predictor_hidden_dim: int = 4096  # predictor 256 → 4096 → 256, BN + ReLU inside
 
 
 @register("byol")

@@ -15,29 +15,16 @@ the shards' `.txt` members). Evaluation: zero-shot classification from class-nam
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import CLIPConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.text import ByteTokenizer, TextTransformer
-
-
-@dataclass
-class CLIPConfig(MethodConfig):
-    name: str = "clip"
-    embed_dim: int = 512
-    context_length: int = 77
-    text_width: int = 512
-    text_layers: int = 12
-    text_heads: int = 8
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
-    gather: bool = True
 
 
 @register("clip")

@@ -17,32 +17,22 @@ concatenates the features: what CMC evaluates, and what kNN, the probes and expo
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig, ModelConfig
+from bigssl.config import Config, ModelConfig
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import CMCConfig
 from bigssl.methods.instdisc import bank_loss, check_bank_loss
 from bigssl.methods.memory_bank import MemoryBank
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
 
 VIEW_CHANNELS = (1, 2)  # L, ab
-
-
-@dataclass
-class CMCConfig(MethodConfig):
-    name: str = "cmc"
-    objective: str = "bank"  # bank | batch
-    temperature: float = 0.07
-    negatives: int = 16384  # bank: noise entries per positive (the released weights used 4096)
-    bank_momentum: float = 0.5
-    loss: str = "nce"  # bank: nce | softmax
 
 
 class SplitViewEncoder(nn.Module):

@@ -15,28 +15,18 @@ normalisation; `model.backbone_args.norm_layer: groupnorm1` gives it in timm's R
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import CPCConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 
 DIRECTIONS = ("down", "up", "right", "left")
-
-
-@dataclass
-class CPCConfig(MethodConfig):
-    name: str = "cpc"
-    context_dim: int = 512
-    context_layers: int = 2  # residual blocks of row-masked convolutions
-    steps: int = 5  # predict 1 … steps rows ahead (CPC: up to 5)
-    directions: list[str] = field(default_factory=lambda: ["down"])
 
 
 class RowCausalConv(nn.Module):

@@ -17,37 +17,19 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigssl import health, losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.data.views import flat
 from bigssl.distributed import comm
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import DINOConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.schedules import cosine_to, linear_warmup
-
-
-@dataclass
-class DINOConfig(MethodConfig):
-    name: str = "dino"
-    out_dim: int = 65536
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    norm_last_layer: bool = True
-    head_batch_norm: bool = False  # BN after each hidden layer of the head (the official `use_bn_in_head`)
-    freeze_last_layer_epochs: float = 1.0
-    momentum: float = 0.996  # teacher EMA at step 0, cosine to 1
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04  # at step 0
-    teacher_temp_final: float = 0.07  # after the warm-up (the paper's models)
-    teacher_temp_warmup_epochs: float = 30.0
-    center_momentum: float = 0.9
-    weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04)
 
 
 class WeightNormLinear(nn.Module):

@@ -18,26 +18,16 @@ ids are gathered from every rank first, so every rank's bank stays identical.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import InstDiscConfig
 from bigssl.methods.memory_bank import MemoryBank, noise_ids
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class InstDiscConfig(MethodConfig):
-    name: str = "instdisc"
-    temperature: float = 0.07
-    negatives: int = 4096  # noise entries per positive; softmax: 0 = the whole bank
-    bank_momentum: float = 0.5
-    loss: str = "nce"  # nce | softmax
 
 
 def check_bank_loss(loss: str, negatives: int) -> None:

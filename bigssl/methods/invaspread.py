@@ -8,23 +8,15 @@ push every other image away (spreading): `bigssl.losses.invaspread_loss`, τ 0.1
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.data.views import flat
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import InvaSpreadConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class InvaSpreadConfig(MethodConfig):
-    name: str = "invaspread"
-    temperature: float = 0.1
-    gather: bool = True  # candidates from every rank
 
 
 @register("invaspread")

@@ -20,28 +20,18 @@ v1 and v2 differ in their recipes only: v2 = MLP head (model.projector 2 layers,
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import MoCoConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class MoCoConfig(MethodConfig):
-    name: str = "moco"
-    temperature: float = 0.07  # v1; v2 uses 0.2
-    momentum: float = 0.999  # key encoder EMA, constant
-    queue_size: int = 65536  # over all ranks: every rank holds the whole queue
-    shuffle_bn: bool = True
-    key_bn_splits: int = 1  # slices per rank for the key encoder's BN (one process: > 1 to shuffle)
 
 
 @register("moco")

@@ -12,28 +12,18 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 
 import torch
 from timm.layers import build_sincos2d_pos_embed
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import MoCoV3Config
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
 from bigssl.schedules import cosine_to
-
-
-@dataclass
-class MoCoV3Config(MethodConfig):
-    name: str = "mocov3"
-    temperature: float = 0.2  # ViT; the ResNet recipe uses 1.0
-    momentum: float = 0.99  # at step 0, cosine to 1
-    predictor_hidden_dim: int = 4096
-    frozen_patch_embed: bool = True  # ViT: random patch projection, never trained
-    sincos_pos_embed: bool = True  # ViT: fixed 2-D sin-cos position embedding
 
 
 @torch.no_grad()

@@ -7,23 +7,15 @@ Negatives are gathered from every rank with gradient (bigssl.losses.nt_xent).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.data.views import flat
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import SimCLRConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class SimCLRConfig(MethodConfig):
-    name: str = "simclr"
-    temperature: float = 0.1  # ImageNet optimum (SimCLR Table 5); 0.5 on CIFAR-10
-    gather: bool = True  # negatives from all ranks; False = local batch only
 
 
 @register("simclr")

@@ -9,22 +9,14 @@ parameters, as in the official code. `engine.sync_bn: true` gives the paper's Sy
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from bigssl import losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import SimSiamConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
-
-
-@dataclass
-class SimSiamConfig(MethodConfig):
-    name: str = "simsiam"
-    predictor_hidden_dim: int = 512
-    fixed_predictor_lr: bool = True
 
 
 @register("simsiam")

@@ -12,32 +12,20 @@ ranks) joins the Sinkhorn from `queue_start_epoch`, for small batches.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bigssl import health, losses
-from bigssl.config import Config, MethodConfig
+from bigssl.config import Config
 from bigssl.data.views import flat
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.configs import SwAVConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
-
-
-@dataclass
-class SwAVConfig(MethodConfig):
-    name: str = "swav"
-    prototypes: int = 3000
-    temperature: float = 0.1
-    epsilon: float = 0.05
-    sinkhorn_iterations: int = 3
-    freeze_prototypes_epochs: float = 1.0
-    queue_length: int = 0  # over all ranks; 0 = no queue (the bs-256 recipe: 3840)
-    queue_start_epoch: int = 15
 
 
 @register("swav")
