@@ -42,8 +42,11 @@ def _train(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from bigssl.eval.export import export_backbone
 
-    checkpoint, count = export_backbone(Path(args.source), Path(args.out))
-    print(f"{args.out}: {count} backbone tensors from {checkpoint}")
+    checkpoint, count, load_line = export_backbone(Path(args.source), Path(args.out))
+    layout = "timm's hub layout (config.json + model.safetensors)" if load_line else "one safetensors file"
+    print(f"{args.out}: {count} backbone tensors from {checkpoint}, {layout}")
+    if load_line:
+        print(f"load it with: {load_line}")
     return 0
 
 
@@ -134,10 +137,12 @@ def parser() -> argparse.ArgumentParser:
                              help="raw features (default: standardised by the training set's mean and std)")
         sub.set_defaults(run=_eval)
 
-    export = commands.add_parser("export", help="a run's (or checkpoint's) backbone → one safetensors file, "
-                                                "from any engine")
+    export = commands.add_parser("export", help="a run's (or checkpoint's) backbone → a folder timm loads "
+                                                "(local-dir:OUT_DIR), or one .safetensors file; any engine")
     export.add_argument("source", metavar="RUN", help="run directory (its newest checkpoint) or a checkpoint directory")
-    export.add_argument("out", help="output .safetensors file")
+    export.add_argument("out", metavar="OUT",
+                        help="a folder (config.json + model.safetensors, timm's hub layout; needs the run's "
+                             "config.yaml), or a path ending in .safetensors for the weights alone")
     export.set_defaults(run=_export)
     return root
 

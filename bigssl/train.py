@@ -401,7 +401,7 @@ class Trainer:
             self._save(epoch_skips)
         backbone = self.engine.full_module(self.method.backbone)  # a collective under sharded engines
         if self.env.is_main:
-            save_backbone(backbone, self.run_dir / "backbone.safetensors")
+            save_backbone(backbone, config, self.run_dir)
         final_scores: dict[str, float] = {}
         if evaluating and (config.eval.knn_at_end or (p.epoch_step == 0 and self._knn_due(p.epoch))):
             started = time.perf_counter()

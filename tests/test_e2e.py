@@ -56,7 +56,7 @@ def test_quickstart_one_process(tmp_path: Path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert (run / "checkpoints" / "step_00000004" / "state.pt").is_file()
     assert (run / "config.yaml").read_text().startswith("name: simclr")
-    weights = load_file(run / "backbone.safetensors")
+    weights = load_file(run / "backbone" / "model.safetensors")  # timm's hub layout (tests/test_export.py)
     assert weights["conv1.weight"].shape == (64, 3, 3, 3)  # the small stem, exported with the trunk
     assert not any(name.startswith("fc.") for name in weights)
 
@@ -83,7 +83,8 @@ def test_quickstart_two_processes_with_torchrun(tmp_path: Path, engine: str):
     written = {"ddp": "state.pt", "fsdp": "dcp/.metadata",
                "deepspeed": "zero/zero_pp_rank_1_mp_rank_00_model_states.pt"}
     assert (run / "checkpoints" / "step_00000003" / written[engine]).is_file()
-    assert load_file(run / "backbone.safetensors")["conv1.weight"].shape == (64, 3, 3, 3)  # whole, not a shard
+    # whole, not a shard
+    assert load_file(run / "backbone" / "model.safetensors")["conv1.weight"].shape == (64, 3, 3, 3)
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path):

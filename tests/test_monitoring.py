@@ -1,6 +1,6 @@
 """What a run shows while it trains: health metrics and their collapse warnings, the online
 probe, TensorBoard scalars, view grid, ViT attention maps and projector dump, and a backbone
-file that timm loads."""
+folder that timm loads."""
 
 from __future__ import annotations
 
@@ -84,11 +84,16 @@ def test_tensorboard_holds_every_scalar_and_image(vit_run: Path):
 
 def test_exported_backbone_loads_in_timm_with_the_same_features(vit_run: Path):
     ours = offline.load_backbone(offline.locate(vit_run), torch.device("cpu")).eval()
-    theirs = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=0, **VIT_ARGS,
-                               pretrained_cfg_overlay={"file": str(vit_run / "backbone.safetensors")}).eval()
+    # The run's backbone/ folder alone: timm reads architecture and arguments from its config.json.
+    theirs = timm.create_model(f"local-dir:{vit_run / 'backbone'}", pretrained=True, num_classes=0).eval()
     images = torch.rand(3, 3, 28, 28)
     with torch.no_grad():
-        torch.testing.assert_close(theirs(images), ours(images), atol=1e-6, rtol=0)
+        torch.testing.assert_close(theirs(images), ours(images), atol=1e-6, rtol=1e-5)
+    views = yaml.safe_load((vit_run / "config.yaml").read_text())["data"]["views"]
+    cfg = theirs.pretrained_cfg  # the run's evaluation input: 28 px, [0, 1] pixels (mean/std [])
+    assert tuple(cfg["input_size"]) == (3, views["size"], views["size"]) and views["mean"] == []
+    assert list(cfg["mean"]) == [0.0] * 3 and list(cfg["std"]) == [1.0] * 3
+    assert cfg["crop_pct"] == views["size"] / views["resize"] and cfg["interpolation"] == views["interpolation"]
     fresh = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT_ARGS).eval()
     with torch.no_grad():
         assert not torch.allclose(fresh(images), ours(images), atol=1e-3)  # the weights did come from the file

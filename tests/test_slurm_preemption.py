@@ -94,7 +94,7 @@ def test_usr1_checkpoints_requeues_and_the_rerun_matches_an_uninterrupted_run(
     # Same records in the same order: no step missing, none twice, equal values (loss, lr,
     # gradient norm, embedding health, final kNN) and the same exported weights, bit for bit.
     assert logged_steps(cut) == logged_steps(whole)
-    resumed, uninterrupted = (load_file(run / "backbone.safetensors") for run in (cut, whole))
+    resumed, uninterrupted = (load_file(run / "backbone" / "model.safetensors") for run in (cut, whole))
     assert resumed.keys() == uninterrupted.keys()
     assert all(torch.equal(resumed[name], uninterrupted[name]) for name in resumed)
 

@@ -1,27 +1,48 @@
-"""Backbone weights as one safetensors file (timm's state-dict layout, no head)."""
+"""The trained backbone, written out: a folder in timm's hub layout (bigssl/eval/hub.py) at the
+end of every run and from `bigssl export RUN OUT_DIR/`, or one safetensors file (timm's
+state-dict names, no head) from `bigssl export RUN OUT.safetensors`."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from bigssl.checkpoint import Checkpointer
+from bigssl.config import Config
 from bigssl.errors import UserError
+from bigssl.eval import hub
+
+if TYPE_CHECKING:
+    from bigssl.eval.offline import SavedRun
+
+RUN_FOLDER = "backbone"  # in the run directory; CMC, whose trunk timm has no model for: backbone.safetensors
 
 
-def save_backbone(backbone: nn.Module, path: Path) -> None:
-    save_tensors(backbone.state_dict(), path)
+def save_backbone(backbone: nn.Module, config: Config, run_dir: Path) -> Path:
+    """The end of a run: `run_dir/backbone/` in timm's hub layout, or `run_dir/backbone.safetensors`
+    for a trunk that is not one timm model. Returns what was written."""
+    state = backbone.state_dict()
+    try:
+        hub.write_folder(state, config.model, config.data.views, run_dir / RUN_FOLDER)
+        return run_dir / RUN_FOLDER
+    except hub.NotOneTimmModel:
+        save_tensors(state, run_dir / "backbone.safetensors")
+        return run_dir / "backbone.safetensors"
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "bigssl"})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "bigssl"})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def checkpoint_dir(run_or_checkpoint: Path) -> Path:
@@ -36,15 +57,32 @@ def checkpoint_dir(run_or_checkpoint: Path) -> Path:
     return run_or_checkpoint
 
 
-def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int]:
-    """Write the backbone of any engine's checkpoint as one safetensors file; returns the
-    checkpoint used and the number of tensors written."""
+def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str | None]:
+    """Write the backbone of any engine's checkpoint to `out`: one safetensors file when `out`
+    ends in .safetensors, else a folder in timm's hub layout (which needs the run's config.yaml).
+    Returns the checkpoint used, the number of tensors and, for a folder, the line that loads it."""
     from bigssl.distributed.engines.consolidate import backbone_state
 
     checkpoint = checkpoint_dir(run_or_checkpoint)
+    single_file = out.suffix == ".safetensors"
+    saved = None if single_file else _run_of(run_or_checkpoint)
     try:
         state = backbone_state(checkpoint)
     except (FileNotFoundError, ValueError) as err:
         raise UserError(str(err)) from err
-    save_tensors(state, out)
-    return checkpoint, len(state)
+    if saved is None:
+        save_tensors(state, out)
+        return checkpoint, len(state), None
+    try:
+        line = hub.write_folder(state, saved.config.model, saved.config.data.views, out)
+    except hub.NotOneTimmModel as err:
+        raise UserError(f"{run_or_checkpoint}: method {saved.config.method.name}: {err}; timm has no model for "
+                        f"this trunk, export it as one file: bigssl export {run_or_checkpoint} OUT.safetensors"
+                        ) from None
+    return checkpoint, len(state), line
+
+
+def _run_of(run_or_checkpoint: Path) -> SavedRun:
+    from bigssl.eval.offline import locate  # offline imports this module
+
+    return locate(run_or_checkpoint)

@@ -10,11 +10,12 @@ from bigssl.config import ModelConfig
 from bigssl.errors import ConfigError
 
 
-def _use_small_stem(model: nn.Module, stride: int) -> None:
+def use_small_stem(model: nn.Module, stride: int) -> None:
     """A 3×3 first convolution and no max-pool, so 28–64 px inputs keep spatial detail.
 
     This is the CIFAR convention (SimCLR App. B.9; solo-learn's ResNets). The stem keeps its
-    width so the first residual stage still fits.
+    width so the first residual stage still fits. timm's ResNet has no argument for this stem,
+    so exports of such runs load with `bigssl.load_backbone`, which applies it again.
     """
     conv = getattr(model, "conv1", None)
     if not isinstance(conv, nn.Conv2d) or not hasattr(model, "maxpool"):
@@ -34,7 +35,7 @@ def build_backbone(config: ModelConfig) -> nn.Module:
     except TypeError as err:
         raise ConfigError(f"model.backbone_args: {err}") from err
     if config.small_stem:
-        _use_small_stem(model, config.small_stem_stride)
+        use_small_stem(model, config.small_stem_stride)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
