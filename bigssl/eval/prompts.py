@@ -43,22 +43,24 @@ def parse_list(text: str, where: str) -> list[str]:
     return entries
 
 
-def _read(choice: str, packaged: str, option: str) -> list[str]:
-    if choice == IMAGENET:
-        return parse_list(resources.files("bigssl.eval").joinpath(packaged).read_text(encoding="utf-8"), packaged)
+def _packaged(name: str) -> list[str]:
+    return parse_list(resources.files("bigssl.eval").joinpath(name).read_text(encoding="utf-8"), name)
+
+
+def _from_file(path: str, option: str) -> list[str]:
     try:
-        with open(choice, encoding="utf-8") as file:
-            return parse_list(file.read(), choice)
+        with open(path, encoding="utf-8") as file:
+            return parse_list(file.read(), path)
     except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"{option}: cannot read {choice!r} (expected auto, imagenet or a text file): {err}") from err
+        raise UserError(f"{option}: cannot read {path!r} (expected auto, imagenet or a text file): {err}") from err
 
 
 def imagenet_names() -> list[str]:
-    return _read(IMAGENET, "imagenet_classnames.txt", "--classnames")
+    return _packaged("imagenet_classnames.txt")
 
 
 def imagenet_templates() -> list[str]:
-    return _read(IMAGENET, "imagenet_templates.txt", "--templates")
+    return _packaged("imagenet_templates.txt")
 
 
 def is_imagenet_folder_order(classes: list[str] | None) -> bool:
@@ -92,7 +94,7 @@ def prompt_set(index: list[str] | None, classnames: str, templates: str, key: st
         names = [readable(name) for name in index]
         names_from = f"class names of {key}'s index.json ({len(names)})"
     else:
-        names = _read(classnames, "", "--classnames")
+        names = _from_file(classnames, "--classnames")
         _check_against_index(names, index, "--classnames", key)
         names_from = f"class names from {classnames} ({len(names)})"
 
@@ -101,7 +103,7 @@ def prompt_set(index: list[str] | None, classnames: str, templates: str, key: st
     elif templates == AUTO:
         chosen, templates_from = list(GENERIC_TEMPLATES), "generic templates"
     else:
-        chosen, templates_from = _read(templates, "", "--templates"), f"templates from {templates}"
+        chosen, templates_from = _from_file(templates, "--templates"), f"templates from {templates}"
     missing = next((t for t in chosen if "{}" not in t), None)
     if missing is not None:
         raise UserError(f"--templates: template {missing!r} has no '{{}}' for the class name")
