@@ -55,7 +55,8 @@ def _eval(args: argparse.Namespace) -> int:
     from bigssl.eval.offline import EvalOptions, evaluate
 
     if args.kind == "zeroshot":
-        options = EvalOptions(train="", val=args.val, extract_batch=args.extract_batch, workers=args.workers)
+        options = EvalOptions(train="", val=args.val, extract_batch=args.extract_batch, workers=args.workers,
+                              classnames=args.classnames, templates=args.templates)
     else:
         options = EvalOptions(train=args.train, val=args.val, extract_batch=args.extract_batch, workers=args.workers,
                               projector_layers=args.projector_layers,
@@ -122,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--extract-batch", type=int, default=256, help="images per rank per extraction batch")
         sub.add_argument("--workers", type=int, default=2, help="data workers per rank")
         if kind == "zeroshot":
+            sub.add_argument("--classnames", default="auto", metavar="auto|imagenet|FILE",
+                             help="class names: the --val index.json's (auto; ImageNet-1k's WordNet ids become "
+                                  "OpenAI's curated names), OpenAI's ImageNet-1k list, or a file, one a line")
+            sub.add_argument("--templates", default="auto", metavar="auto|imagenet|FILE",
+                             help="prompt templates with {} for the name: auto (ImageNet's 80 with ImageNet names, "
+                                  "else 4 generic ones), CLIP's 80 for ImageNet, or a file, one a line")
             sub.set_defaults(run=_eval)
             continue
         sub.add_argument("--projector-layers", type=int, default=0, metavar="K",

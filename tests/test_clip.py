@@ -14,6 +14,9 @@ from helpers import REPO, run_cli
 
 from bigssl.data import quickstart
 from bigssl.data.decode import BadSample, decode_text
+from bigssl.data.shards import resolve
+from bigssl.eval.prompts import GENERIC_TEMPLATES
+from bigssl.eval.zeroshot import index_classes
 from bigssl.methods import build
 from bigssl.models.text import END, PAD, START, ByteTokenizer, TextTransformer
 
@@ -76,6 +79,8 @@ def test_captioned_quickstart_names_each_images_class():
         assert quickstart.readable(index["classes"][label]) in text
     with pytest.raises(BadSample):
         decode_text({"png": b""})  # an image-text pair without its caption is skipped, not trained on
+    with pytest.raises(BadSample):
+        decode_text({"png": b"", "txt": b" \n"})  # nor with a blank one (img2dataset's missing caption)
 
 
 def test_trainer_and_offline_eval_score_zero_shot_identically(tmp_path: Path):
@@ -95,5 +100,18 @@ def test_trainer_and_offline_eval_score_zero_shot_identically(tmp_path: Path):
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["eval/zeroshot_top1"] == at_end["zeroshot/top1"]
     assert last["eval/zeroshot_top5"] == at_end["zeroshot/top5"]
+    # The same names and templates given as files score the same; ImageNet's 1000 names do not fit.
+    names, templates = tmp_path / "names.txt", tmp_path / "templates.txt"
+    names.write_text("".join(quickstart.readable(c) + "\n" for c in index_classes(resolve("quickstart:val"))))
+    templates.write_text("# the generic ones\n" + "".join(t + "\n" for t in GENERIC_TEMPLATES))
+    from_files = run_cli("eval", "zeroshot", str(run), "--val", "quickstart:val", "--workers", "1",
+                         "--classnames", str(names), "--templates", str(templates))
+    assert from_files.returncode == 0, from_files.stderr
+    assert f"class names from {names} (10), templates from {templates} (4)" in from_files.stdout
+    again = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (again["eval/zeroshot_top1"], again["eval/zeroshot_top5"]) == (last["eval/zeroshot_top1"],
+                                                                          last["eval/zeroshot_top5"])
+    imagenet = run_cli("eval", "zeroshot", str(run), "--val", "quickstart:val", "--classnames", "imagenet")
+    assert imagenet.returncode == 2 and "1000 class names, but the index.json of --val records 10" in imagenet.stderr
     not_clip = run_cli("eval", "zeroshot", str(tmp_path / "missing"), "--val", "quickstart:val")
     assert not_clip.returncode == 2 and len(not_clip.stderr.strip().splitlines()) == 1

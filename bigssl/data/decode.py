@@ -68,7 +68,9 @@ def decode_label(sample: dict[str, Any], required: bool) -> int:
 
 def decode_text(sample: dict[str, Any]) -> str:
     """The caption of an image–text pair; a pair without one is skipped (and counted), not
-    trained on with an empty caption."""
-    if "txt" not in sample:
+    trained on with an empty caption. An empty or blank `.txt` counts as none: img2dataset
+    writes one for every input row whose caption was missing."""
+    text = sample.get("txt", b"").decode("utf-8", errors="replace")
+    if not text.strip():
         raise BadSample("missing_text")
-    return sample["txt"].decode("utf-8", errors="replace")
+    return text

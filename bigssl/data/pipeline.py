@@ -61,7 +61,8 @@ class TrainData:
             check_exact_split(self.shards, world_size, data.workers)
         samples = data.samples_per_epoch or self.shards.total
         if not samples:
-            raise ConfigError("data.samples_per_epoch: the size of data.train is unknown (no index.json); set it")
+            raise ConfigError(f"data.samples_per_epoch: the size of data.train is unknown (no index.json from bigssl "
+                              f"shards, nor img2dataset's _stats.json, for {self.shards.first_uncounted()}); set it")
         self.steps_per_epoch = samples // config.optim.batch_size
         if self.steps_per_epoch < 1:
             raise ConfigError(f"optim.batch_size={config.optim.batch_size} exceeds the {samples} samples per epoch")

@@ -4,7 +4,8 @@
 `data.weights` in resampled mode), local paths or `pipe:`/URL schemes, or `quickstart:<split>`.
 When an `index.json` written by `bigssl shards` lies beside local shards, every shard's sample
 count and first global sample id are known: exact epochs, resumable positions and memory
-banks rely on that.
+banks rely on that. Shards written by img2dataset carry no index; their per-shard
+`_stats.json` gives the same (`bigssl.data.img2dataset`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import braceexpand
 
-from bigssl.data import quickstart
+from bigssl.data import img2dataset, quickstart
 from bigssl.data.write import INDEX_NAME
 from bigssl.errors import ConfigError, UserError
 
@@ -49,11 +50,14 @@ class ShardSet:
     def total(self) -> int | None:
         return sum(s.samples for s in self.shards) if self.counted else None  # type: ignore[misc]
 
+    def first_uncounted(self) -> str | None:
+        return next((s.url for s in self.shards if s.samples is None), None)
+
     def require_counts(self, why: str) -> None:
         if not self.counted:
-            unknown = next(s.url for s in self.shards if s.samples is None)
-            raise ConfigError(f"{why} needs sample counts from an index.json beside the shards "
-                              f"(written by bigssl shards); none for {unknown}")
+            raise ConfigError(f"{why} needs sample counts from an index.json beside the shards (written by "
+                              f"bigssl shards) or img2dataset's _stats.json beside each; none for "
+                              f"{self.first_uncounted()}")
 
 
 def _expand(pattern: str, key: str) -> list[list[str]]:
@@ -98,6 +102,9 @@ def resolve(pattern: str, key: str = "data.train", weights: list[float] | None =
     if missing:
         raise UserError(f"{key}: shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
     counts = _index_counts(urls)
+    for source in sources:
+        if not any(u in counts or is_remote(u) for u in source):
+            counts.update(img2dataset.source_counts(source) or {})
     shards: list[Shard] = []
     offset = 0
     for source_index, source in enumerate(sources):

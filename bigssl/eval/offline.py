@@ -43,6 +43,8 @@ class EvalOptions:
     extract_batch: int = 256
     workers: int = 2
     projector_layers: int = 0  # features after this many projector layers (SimCLR v2: 1); 0 = backbone
+    classnames: str = "auto"  # zeroshot: auto | imagenet | a file (bigssl.eval.prompts)
+    templates: str = "auto"  # zeroshot: auto | imagenet | a file
 
 
 @dataclass
@@ -141,11 +143,11 @@ def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.de
         if not hasattr(method, "encode_text"):
             raise UserError(f"eval zeroshot: method {config.method.name} has no text tower (an image-text "
                             "method such as clip has)")
-        result = zeroshot.zero_shot(method, val_shards, "--val", *args)
+        prompts = zeroshot.prompts_for(val_shards, "--val", options.classnames, options.templates)
+        result = zeroshot.zero_shot(method, val_shards, "--val", *args, prompts=prompts)
         record = {"eval/zeroshot_top1": result["top1"], "eval/zeroshot_top5": result["top5"]}
         if is_main:
-            _report(saved, f"zero-shot (prompts: {', '.join(zeroshot.PROMPTS)})", record, n_train=0,
-                    n_val=result["samples"])
+            _report(saved, f"zero-shot ({prompts.origin})", record, n_train=0, n_val=result["samples"])
         return record
     backbone = load_backbone(saved, device, options.projector_layers)
     train_shards = resolve(options.train, "--train")
