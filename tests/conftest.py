@@ -12,6 +12,15 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Float rounding depends on these: a tolerance report should name them."""
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return (f"torch {torch.__version__}: {torch.get_num_threads()} threads (OMP_NUM_THREADS {threads}), "
+            f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def quickstart_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The quickstart shards are written once per test session, into a private cache."""

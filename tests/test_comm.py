@@ -43,9 +43,57 @@ def _vote(rank: int, world_size: int, out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"{rank}.pt")
 
 
+@pytest.mark.distributed
 def test_the_per_step_vote_is_the_same_on_every_rank(tmp_path: Path):
     run_distributed(_vote, 2, str(tmp_path))
     expected = {"all fine": (True, False), "nan on rank 1": (False, False), "signal on rank 1": (True, True),
                 "both": (False, True)}
     for rank in range(2):
         assert torch.load(tmp_path / f"{rank}.pt", weights_only=False) == expected
+
+
+# Integer-valued float32 tensors: every sum below is exact, so the gradients compare bit for bit.
+def _local(rank: int) -> torch.Tensor:
+    return torch.arange(6, dtype=torch.float32).reshape(3, 2) + 10 * rank
+
+
+def _weights(rank: int) -> torch.Tensor:
+    """Rank r's weight on the gathered [6, 2] tensor: different on every rank."""
+    return (torch.arange(12, dtype=torch.float32).reshape(6, 2) - 5) * (rank + 2)
+
+
+def _reduce_weights(rank: int) -> torch.Tensor:
+    return torch.tensor([3.0, -1.0]) * (rank + 1)
+
+
+def _differentiable(rank: int, world_size: int, out_dir: str) -> None:
+    import warnings
+
+    from bigssl.distributed import comm
+
+    assert comm.world_size() == world_size == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the supported collectives: no deprecation warning on any call
+        x = _local(rank).requires_grad_(True)
+        gathered = comm.gather_with_grad(x)
+        (gathered * _weights(rank)).sum().backward()
+        y = torch.tensor([1.0, 2.0]).mul(rank + 1).requires_grad_(True)
+        reduced = comm.all_reduce_sum_with_grad(y)
+        (reduced * _reduce_weights(rank)).sum().backward()
+    torch.save({"gathered": gathered.detach(), "plain": type(gathered) is torch.Tensor, "grad": x.grad,
+                "reduced": reduced.detach(), "reduce_grad": y.grad}, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_differentiable_collectives_send_every_ranks_gradient_back(tmp_path: Path):
+    """gather_with_grad: rank r's x gets the sum over all ranks of their loss weights on r's rows
+    (d/dx_r of Σ_r' sum(w_r' · cat(x))); all_reduce_sum_with_grad: every rank's y gets Σ_r' v_r'."""
+    run_distributed(_differentiable, 2, str(tmp_path))
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert result["plain"]  # a plain tensor for the losses, not an AsyncCollectiveTensor
+        assert torch.equal(result["gathered"], torch.cat([_local(0), _local(1)]))
+        rows = slice(3 * rank, 3 * rank + 3)
+        assert torch.equal(result["grad"], _weights(0)[rows] + _weights(1)[rows])
+        assert torch.equal(result["reduced"], torch.tensor([3.0, 6.0]))  # [1, 2] + [2, 4]
+        assert torch.equal(result["reduce_grad"], _reduce_weights(0) + _reduce_weights(1))

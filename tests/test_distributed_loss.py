@@ -77,16 +77,16 @@ def run(tmp_path: Path, plain_gather: bool) -> list[dict]:
 def test_gathered_nt_xent_matches_single_process(tmp_path: Path):
     ref_loss, ref_grads = reference()
     for result in run(tmp_path, plain_gather=False):
-        assert abs(result["loss"] - ref_loss) < 1e-6
-        for name, grad in ref_grads.items():
-            torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=0)
+        assert result["loss"] == pytest.approx(ref_loss, rel=1e-5)
+        for name, grad in ref_grads.items():  # sums over the 2 ranks' anchors in another order
+            torch.testing.assert_close(result["grads"][name], grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.distributed
 def test_plain_all_gather_breaks_gradient_equality(tmp_path: Path):
     ref_loss, ref_grads = reference()
     for result in run(tmp_path, plain_gather=True):
-        assert abs(result["loss"] - ref_loss) < 1e-6  # the forward value cannot tell them apart
+        assert result["loss"] == pytest.approx(ref_loss, rel=1e-5)  # the forward value cannot tell them apart
         worst = max((result["grads"][n] - g).abs().max().item() for n, g in ref_grads.items())
         scale = max(g.abs().max().item() for g in ref_grads.values())
         assert worst > 0.05 * scale, f"gradients differ by only {worst:.2e} (scale {scale:.2e})"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_cases import global_batch, make_config, rank_batch, save_result, setup, train_steps
+from engine_cases import assert_same_loss_curve, global_batch, make_config, rank_batch, save_result, setup, train_steps
 from helpers import run_cli, run_distributed
 from safetensors.torch import load_file
 
@@ -55,8 +55,11 @@ def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, en
     ddp, fsdp = ddp_runs[method], run(tmp_path, method, engine)
     for rank in range(2):
         assert len(ddp[rank]["losses"]) == STEPS
-        torch.testing.assert_close(torch.tensor(fsdp[rank]["losses"]), torch.tensor(ddp[rank]["losses"]),
-                                   atol=1e-5, rtol=0)
+        # SimCLR on the tiny ViT at lr 0.05 magnifies a perturbation up to ~8× per update (its loss
+        # jumps 5.5 → 8.5 → 6.8 → 5.9 → 9.4): rounding measured up to 2.5e-5 after 4 updates (gloo
+        # workers on 1 thread each, AVX-512), while a 10 % error in the update direction moves the
+        # loss by 1.4e-3 after 1 update and 3.6e-2 after 4.
+        assert_same_loss_curve(fsdp[rank]["losses"], ddp[rank]["losses"], rtol_per_step=5e-5)
     assert ddp[0]["losses"][0] != ddp[0]["losses"][-1]  # it trained
     if engine == "zero3":
         shared, groups = fsdp[0]["master_groups_shared"]
@@ -65,7 +68,8 @@ def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, en
         for result in (*ddp, *fsdp):  # the teacher, gathered, is the full-tensor EMA of the student
             assert len(result["teacher"]) == len(result["reference"]) > 10
             for teacher, reference in zip(result["teacher"], result["reference"], strict=True):
-                torch.testing.assert_close(teacher, reference, atol=1e-6, rtol=0)
+                # the same EMA formula on the same values, in a different op order (lerp, foreach, shards)
+                torch.testing.assert_close(teacher, reference, atol=1e-6, rtol=1e-5)
 
 
 def _save_and_continue(rank: int, world_size: int, keys: list[str], checkpoint: Path, out: Path) -> None:
@@ -152,8 +156,7 @@ def test_per_parameter_clipping_on_shards_equals_whole_parameters(tmp_path: Path
     two_ranks = [torch.load(out / f"rank{r}.pt", weights_only=True)["losses"] for r in range(2)]
     engine_ = setup(make_config(*keys), rank=0, world_size=1)
     one = train_steps(engine_, range(STEPS), lambda step: global_batch(2, step))["losses"]
-    torch.testing.assert_close(torch.tensor([(a + b) / 2 for a, b in zip(*two_ranks, strict=True)]),
-                               torch.tensor(one), atol=1e-5, rtol=0)
+    assert_same_loss_curve([(a + b) / 2 for a, b in zip(*two_ranks, strict=True)], one)
 
 
 def _train_keys(rank: int, world_size: int, keys: list[str], out: Path) -> None:
@@ -201,5 +204,5 @@ def test_fsdp2_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path):
     engine = setup(make_config("simclr", "fsdp", NO_BN), rank=0, world_size=1)  # a private 1-rank group
     assert engine.load(checkpoint) == {"step": 3}
     resumed = train_steps(engine, range(3, STEPS), lambda step: global_batch(2, step))["losses"]
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(expected[3:]), atol=1e-5, rtol=0)
+    assert_same_loss_curve(resumed, expected[3:], first_step=3)
 

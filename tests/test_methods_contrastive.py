@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_cases import BATCH, make_config, rank_batch, save_result, setup, train_steps
+from engine_cases import BATCH, assert_same_loss_curve, make_config, rank_batch, save_result, setup, train_steps
 from helpers import run_distributed
 
 from bigssl.distributed import comm
@@ -36,7 +36,9 @@ def test_moco_enqueues_normalised_keys_and_wraps_its_pointer():
             expected = F.normalize(method.key_projector(method.key_backbone(batch["views"][0][1])), dim=1)
         engine.forward(batch, step)
         slot = step % 3
-        torch.testing.assert_close(method.queue[slot * BATCH : (slot + 1) * BATCH], expected, atol=1e-6, rtol=0)
+        # Unit keys: rounding is relative to the norm 1; BN over 4 samples in another order magnifies
+        # it (measured ≤ 3.7e-6 over SIMD levels and thread counts). The other view's key is 0.76 off.
+        torch.testing.assert_close(method.queue[slot * BATCH : (slot + 1) * BATCH], expected, atol=2e-5, rtol=1e-5)
         assert int(method.queue_pointer) == (slot + 1) % 3 * BATCH
         if step < 2:  # the rows not yet written keep their initial keys
             torch.testing.assert_close(method.queue[(slot + 1) * BATCH :], initial[(slot + 1) * BATCH :])
@@ -73,10 +75,11 @@ def test_moco_queue_is_identical_on_every_rank_and_equals_one_process(tmp_path: 
     both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)]}  # noqa: E731
     one = train_steps(engine, range(steps), both)
     written = slice(0, 2 * BATCH * steps)
-    torch.testing.assert_close(ranks[0]["queue"][written], engine.method.queue[written], atol=1e-5, rtol=0)
+    # unit keys, as in the 1-process queue test above
+    torch.testing.assert_close(ranks[0]["queue"][written], engine.method.queue[written], atol=2e-5, rtol=1e-5)
     if not projector_bn:
         mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
-        torch.testing.assert_close(torch.tensor(mean), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
+        assert_same_loss_curve(mean, one["losses"])
 
 
 BANK = 40
@@ -171,10 +174,10 @@ def test_instdisc_bank_is_identical_on_every_rank_and_equals_one_process(tmp_pat
     both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)],  # noqa: E731
                          "id": torch.cat([id_batch(r, step)["id"] for r in range(2)])}
     one = train_steps(engine, range(3), both)
-    torch.testing.assert_close(ranks[0]["bank"], engine.method.memory.bank, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ranks[0]["bank"], engine.method.memory.bank, atol=1e-5, rtol=1e-5)  # unit rows
     assert float(ranks[0]["z"]) == pytest.approx(float(engine.method.memory.normaliser), rel=1e-5)
     mean = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"], strict=True)]
-    torch.testing.assert_close(torch.tensor(mean), torch.tensor(one["losses"]), atol=1e-5, rtol=0)
+    assert_same_loss_curve(mean, one["losses"])
     assert len(set(one["losses"])) == 3
 
 
@@ -236,7 +239,7 @@ def test_cmc_trunk_concatenates_the_l_and_ab_encoders_on_a_lab_image():
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
     lab = Photometric(method.config.data.views).normalize(rgb)  # the evaluation input of the cmc policy
     expected_l = (rgb_to_lab(rgb)[:, :1] - 50) / 50  # L in [0, 100] → [-1, 1]
-    torch.testing.assert_close(lab[:, :1], expected_l, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lab[:, :1], expected_l, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         joint = method.backbone(lab)
         parts = [encoder(x) for encoder, x in zip(method.backbone.encoders, lab.split([1, 2], dim=1), strict=True)]

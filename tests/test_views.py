@@ -108,7 +108,7 @@ def test_photometric_in_cache_sized_chunks_equals_one_pass_over_the_batch(monkey
     params = ph.Params.cat([ph.sample_params(v, 6, torch.device("cpu"), generator) for v in spec.views])
     assert params.jitter.any() and params.blur.any() and params.grayscale.any()
     whole = ph.augment(group.transpose(0, 1).flatten(0, 1).float() / 255, params, spec.blur_kernel)
-    torch.testing.assert_close(flat(chunked), whole, atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat(chunked), whole, atol=1e-6, rtol=1e-5)
 
 
 def test_cmc_views_are_l_and_ab():

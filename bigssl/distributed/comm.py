@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+
+# The differentiable collectives: torch.distributed.nn.functional is deprecated in their favour
+# (torch 2.14 warns on every call). Their backward is registered on the ops themselves:
+# all_gather_into_tensor ↦ reduce_scatter SUM, all_reduce SUM ↦ all_reduce SUM.
+import torch.distributed._functional_collectives as funcol
 
 _cpu_group: dist.ProcessGroup | None = None  # gloo group for CPU-side collectives under NCCL
 
@@ -41,7 +45,8 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    gathered = funcol.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
+    return funcol.wait_tensor(gathered)  # a plain tensor, not an AsyncCollectiveTensor, for the caller
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,7 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     engine's average over ranks brings it back to exactly the single-process gradient."""
     if not is_distributed():
         return x
-    return dist_fn.all_reduce(x)
+    return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD))
 
 
 def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
