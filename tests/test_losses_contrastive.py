@@ -141,3 +141,59 @@ def test_clip_loss_on_two_ranks_equals_one_process(tmp_path: Path):
         rows = slice(rank * B, (rank + 1) * B)
         torch.testing.assert_close(result["image"] / 2, single["image"][rows], atol=1e-6, rtol=1e-4)
         torch.testing.assert_close(result["text"] / 2, single["text"][rows], atol=1e-6, rtol=1e-4)
+
+
+def _multiview_plain(views: list[torch.Tensor], tau: float) -> float:
+    """Every anchor (view v of image i) against every other view in the batch; the mean over its
+    V − 1 positives (the other views of image i) of −log softmax, averaged over the V·N anchors."""
+    unit = [[[x / math.sqrt(sum(y * y for y in r)) for x in r] for r in v.tolist()] for v in views]
+    count, n = len(unit), len(unit[0])
+    total, terms = 0.0, 0
+    for v in range(count):
+        for i in range(n):
+            sim = {(w, j): sum(a * b for a, b in zip(unit[v][i], unit[w][j], strict=True)) / tau
+                   for w in range(count) for j in range(n) if (w, j) != (v, i)}
+            log_denominator = math.log(sum(math.exp(s) for s in sim.values()))
+            for w in range(count):
+                if w != v:
+                    total -= sim[(w, i)] - log_denominator
+                    terms += 1
+    return total / terms
+
+
+def test_multiview_nt_xent_matches_the_formula_and_is_nt_xent_for_two_views():
+    views = [_rand(B, D, seed=20 + v) for v in range(4)]
+    for count in (3, 4):
+        value = losses.multiview_nt_xent(views[:count], 0.3).item()
+        assert value == pytest.approx(_multiview_plain(views[:count], 0.3), rel=1e-5)
+    two = losses.multiview_nt_xent(views[:2], 0.3).item()
+    assert two == pytest.approx(losses.nt_xent(views[0], views[1], 0.3).item(), rel=1e-6)
+    assert two == pytest.approx(_multiview_plain(views[:2], 0.3), rel=1e-5)
+    with pytest.raises(ValueError, match="two or more"):
+        losses.multiview_nt_xent(views[:1], 0.3)
+
+
+def _multiview_with_grads(views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    views = [v.clone().requires_grad_(True) for v in views]
+    loss = losses.multiview_nt_xent(views, 0.2)
+    loss.backward()
+    return {"loss": loss.detach(), "grads": torch.stack([v.grad for v in views])}
+
+
+def _multiview_worker(rank: int, world_size: int, out: Path) -> None:
+    assert comm.world_size() == world_size == 2
+    rows = slice(rank * B, (rank + 1) * B)
+    torch.save(_multiview_with_grads([_rand(2 * B, D, seed=30 + v)[rows] for v in range(3)]), out / f"rank{rank}.pt")
+
+
+@pytest.mark.distributed
+def test_multiview_nt_xent_on_two_ranks_equals_one_process(tmp_path: Path):
+    """Candidates gathered with gradient: the ranks' mean loss is the global one, and each rank's
+    gradients are W × its rows of the one-process gradients (before the engine's average)."""
+    run_distributed(_multiview_worker, 2, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    single = _multiview_with_grads([_rand(2 * B, D, seed=30 + v) for v in range(3)])
+    assert ((ranks[0]["loss"] + ranks[1]["loss"]) / 2).item() == pytest.approx(single["loss"].item(), rel=1e-5)
+    for rank, result in enumerate(ranks):
+        rows = slice(rank * B, (rank + 1) * B)
+        torch.testing.assert_close(result["grads"] / 2, single["grads"][:, rows], atol=1e-6, rtol=1e-4)

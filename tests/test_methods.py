@@ -56,6 +56,28 @@ def test_method_trains_a_step_and_reports_its_numbers(method: str):
         assert out["teacher_student_kl"].item() >= -1e-5
 
 
+@pytest.mark.parametrize("views", [2, 3])
+def test_simclr_loss_is_nt_xent_of_its_projections_over_all_views(views: int):
+    """Two views: NT-Xent; more (and local crops): every other view of an image is a positive.
+    Recomputed here from the backbone and projector on the same views, in eval mode (fixed BN)."""
+    from bigssl import losses
+    from bigssl.data.views import flat
+
+    engine = engine_for("simclr", "model.backbone_args.dynamic_img_size=true")
+    method = engine.method.eval()
+    generator = torch.Generator().manual_seed(views)
+    groups = [torch.rand((views, BATCH, 3, 32, 32), generator=generator),
+              torch.rand((2, BATCH, 3, 16, 16), generator=generator)][: 1 if views == 2 else 2]
+    with torch.no_grad():
+        out = method({"views": groups, "label": torch.zeros(BATCH, dtype=torch.long)}, 0)
+        projections = [z for g in groups for z in method.projector(method.backbone(flat(g))).chunk(g.shape[0])]
+    assert len(projections) == (2 if views == 2 else views + 2)
+    tau = method.config.method.temperature
+    expected = (losses.nt_xent(*projections, tau) if views == 2 else losses.multiview_nt_xent(projections, tau))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not out["features"].requires_grad and out["features"].shape[0] == BATCH  # only the loss carries grad
+
+
 @pytest.mark.parametrize("method,start", [("byol", 0.996), ("mocov3", 0.99), ("dino", 0.996)])
 def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float):
     engine = engine_for(method)

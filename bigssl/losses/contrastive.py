@@ -4,6 +4,7 @@ InstDisc, InvaSpread, CLIP)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,44 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, gather
     positive_index = torch.cat([total + offset + rows, offset + rows])  # the other view
     logits[torch.arange(2 * local, device=z1.device), own_index] = float("-inf")
     return F.cross_entropy(logits, positive_index)
+
+
+def multiview_nt_xent(views: Sequence[torch.Tensor], temperature: float = 0.1, gather: bool = True) -> torch.Tensor:
+    """NT-Xent over V ≥ 2 views of each image: every other view of an anchor's image is a positive.
+
+    views: V tensors `[B, D]`, view v of the same B images (not normalised). Each of the V·N
+    anchors of the global batch scores the V·N − 1 other views; its loss is the mean over its
+    V − 1 positives p of −log(exp(s_p/τ) / Σ_{a ≠ anchor} exp(s_a/τ)): the multi-positive form of
+    Khosla et al. 2020 (SupCon, arXiv 2004.11362, L_out) with the image as the label, as Tian
+    2022 (ECPP, arXiv 2401.05730) and Shidani et al. 2024 (poly-view, arXiv 2403.05490) use it
+    to get more pairs from each decoded image. For V = 2 it is `nt_xent`.
+
+    Cross-rank: as `nt_xent`: candidates gathered with gradient (one collective), each rank
+    scores its own V·B anchors.
+    """
+    count = len(views)
+    if count < 2 or any(v.shape != views[0].shape or v.ndim != 2 for v in views):
+        raise ValueError(f"multiview_nt_xent expects two or more [B, D] tensors of one shape, "
+                         f"got {[tuple(v.shape) for v in views]}")
+    z = torch.stack([F.normalize(v.float(), dim=1) for v in views], dim=1)  # [B, V, D]
+    local = z.shape[0]
+    if gather and comm.is_distributed():
+        offset, everyone = comm.rank() * local, comm.gather_with_grad(z)
+    else:
+        offset, everyone = 0, z
+    total = everyone.shape[0]
+    anchors = z.transpose(0, 1).flatten(0, 1)  # [V·B, D], view-major
+    candidates = everyone.transpose(0, 1).flatten(0, 1)  # [V·N, D], view-major
+    logits = anchors @ candidates.T / temperature
+    device = z.device
+    anchor_view = torch.arange(count, device=device).repeat_interleave(local)  # [V·B]
+    image = offset + torch.arange(local, device=device).repeat(count)  # its image's global index
+    rows = torch.arange(count * local, device=device)
+    logits[rows, anchor_view * total + image] = float("-inf")  # an anchor is not its own candidate
+    log_prob = logits.log_softmax(dim=1)
+    same_image = torch.arange(count, device=device)[None, :] * total + image[:, None]  # [V·B, V]
+    others = anchor_view[:, None] != torch.arange(count, device=device)[None, :]
+    return -log_prob.gather(1, same_image)[others].mean()
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float, queue: torch.Tensor | None = None,

@@ -49,7 +49,10 @@ class Method(nn.Module):
         out = self.training_step(batch, step)
         if self.online_probe is not None:
             out.update(self._probe_step(out, batch))
-        return out
+        # The loss is the one output backward goes through; the rest is read for monitoring. Detached,
+        # no engine hooks them (FSDP2 registers its pre-backward hook on every grad-requiring output).
+        return {name: value if name == "loss" or not torch.is_tensor(value) else value.detach()
+                for name, value in out.items()}
 
     def attach_online_probe(self, classes: int) -> None:
         """A linear classifier on detached backbone features, trained alongside (solo-learn's

@@ -2,7 +2,9 @@
 
 Two augmented views of each image go through one backbone and an MLP projector; NT-Xent pulls
 the two projections of an image together against the 2(N−1) other views of the global batch.
-Negatives are gathered from every rank with gradient (bigssl.losses.nt_xent).
+Negatives are gathered from every rank with gradient (bigssl.losses.nt_xent). With more views
+of each image (`data.views.views`, and any local crops) every other view of an image is a
+positive (bigssl.losses.multiview_nt_xent), which is NT-Xent itself for two.
 """
 
 from __future__ import annotations
@@ -28,10 +30,18 @@ class SimCLR(Method):
         self.projector = projector(feature_dim(self.backbone), config.model.projector)
 
     def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        # One pass over both views (view-major): BN sees 2B samples, as in the official code.
-        h = self.backbone(flat(batch["views"][0]))
-        z1, z2 = self.projector(h).chunk(2)
+        # One pass per resolution over all its views (view-major): BN sees V·B samples, as in the
+        # official code for V = 2.
+        features = None
+        projections: list[torch.Tensor] = []
+        for group in batch["views"]:
+            h = self.backbone(flat(group))
+            features = h[: group.shape[1]] if features is None else features
+            projections.extend(self.projector(h).chunk(group.shape[0]))
         method: SimCLRConfig = self.config.method  # type: ignore[assignment]
-        loss = losses.nt_xent(z1, z2, method.temperature, gather=method.gather)
-        return {"loss": loss, "features": h[: len(z1)], "embedding": z1.detach(),
+        if len(projections) == 2:
+            loss = losses.nt_xent(*projections, method.temperature, gather=method.gather)
+        else:  # more views of each image: every other view is a positive
+            loss = losses.multiview_nt_xent(projections, method.temperature, gather=method.gather)
+        return {"loss": loss, "features": features, "embedding": projections[0].detach(),
                 "temperature": loss.new_tensor(method.temperature)}
