@@ -136,7 +136,7 @@ def main() -> int:
     parser.add_argument("--set", choices=("fonts", "digits"), default="fonts")
     parser.add_argument("--out", default="runs/transfer", help="shards in OUT/data, the run in OUT/<set>-<recipe>")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for bigssl train")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     out = Path(args.out)
     patterns = write_set(args.set, out / "data")
     run = out / f"{args.set}-{Path(args.recipe).stem}"
