@@ -112,6 +112,10 @@ class OptimConfig:
     lr_milestones: list[float] = field(default_factory=list)  # step: epochs where the lr drops
     lr_factors: list[float] = field(default_factory=list)  # step: lr/peak from each milestone on; [] = 0.1, 0.01, …
     warmup_epochs: float = 10.0
+    warmup_start_lr: float = 0.0  # the lr at the warm-up's first step (SwAV: 0.3)
+    # True: the warm-up's last step is at the peak, as np.linspace(start, peak, n) gives (official
+    # DINO and SwAV); False: the peak comes at the first step after it (MoCo v3, BYOL, SimCLR).
+    warmup_includes_peak: bool = False
     weight_decay: float = 1e-6
     exclude_bias_norm: bool = True  # no weight decay and no LARS adaptation on biases and norms
     no_decay_lr_scale: float = 1.0  # lr of biases and norms relative to the weights' (Barlow Twins: 0.024)
@@ -119,6 +123,9 @@ class OptimConfig:
     nesterov: bool = False
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     lars_eta: float = 0.001
+    # lars: trust η‖w‖/‖g + wd·w‖ (BYOL, Barlow Twins, MoCo v3); larc: η‖w‖/(‖g‖ + wd‖w‖ + ε),
+    # NVIDIA apex's LARC with clip off, as the official SwAV uses it.
+    lars_rule: str = "lars"
     clip_grad: float = 0.0  # max global gradient norm; 0 = off
     clip_grad_per_parameter: bool = False  # clip each parameter's gradient norm alone (DINO's official clipping)
     # A step whose loss is not finite (on any rank) is skipped and logged; this many in a row
@@ -193,6 +200,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.mode": ("resampled", "exact"),
     "optim.name": ("lars", "sgd", "adamw"),
     "optim.lr_scaling": ("linear", "sqrt", "none"),
+    "optim.lars_rule": ("lars", "larc"),
     "engine.kind": ("ddp", "fsdp", "deepspeed"),
     "engine.zero_stage": (1, 2, 3),
     "engine.precision": ("fp32", "bf16", "fp16"),

@@ -46,19 +46,27 @@ def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
 
 
 class LARS(torch.optim.Optimizer):
-    """SGD with momentum and a layer-wise trust ratio (You et al. 2017).
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017), in one of two rules.
 
-    Per tensor: g ← g + wd·w; if the group adapts, g ← g · η‖w‖/‖g‖ (when both norms are
-    non-zero); μ ← m·μ + g; w ← w − lr·μ. This is the variant of BYOL, Barlow Twins and MoCo v3
-    (google-deepmind/deepmind-research byol/utils/optimizers.py, facebookresearch/barlowtwins
-    main.py, facebookresearch/moco-v3 moco/optimizer.py); groups with `lars_adapt=False` reduce
-    to momentum SGD.
+    rule "lars" (BYOL, Barlow Twins, MoCo v3: google-deepmind/deepmind-research
+    byol/utils/optimizers.py, facebookresearch/barlowtwins main.py, facebookresearch/moco-v3
+    moco/optimizer.py): u ← g + wd·w; if the group adapts, u ← u · η‖w‖/‖u‖ (when both norms
+    are non-zero).
+
+    rule "larc" (NVIDIA apex's LARC with clip=False, which the official SwAV wraps around SGD):
+    if the group adapts and ‖w‖, ‖g‖ are both non-zero, u ← (g + wd·w) · η‖w‖/(‖g‖ + wd‖w‖ + ε),
+    ε = 1e-8; otherwise u ← g (LARC adds the weight decay only inside that branch).
+
+    Then, for both: μ ← m·μ + u (μ = u at the first step, as torch's SGD), w ← w − lr·μ.
+    Groups with `lars_adapt=False` reduce to momentum SGD with weight decay.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
-                 eta: float = 0.001) -> None:
+                 eta: float = 0.001, rule: str = "lars") -> None:
+        if rule not in ("lars", "larc"):
+            raise ValueError(f"LARS rule {rule!r} is not one of lars, larc")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
-                    "lars_adapt": True}
+                    "lars_adapt": True, "rule": rule}
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -68,38 +76,77 @@ class LARS(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad
-                if group["weight_decay"]:
-                    grad = grad.add(param, alpha=group["weight_decay"])
-                if group["lars_adapt"]:
-                    param_norm, grad_norm = torch.linalg.vector_norm(param), torch.linalg.vector_norm(grad)
-                    trust = torch.where((param_norm > 0) & (grad_norm > 0),
-                                        group["eta"] * param_norm / grad_norm, torch.ones_like(param_norm))
-                    grad = grad.mul(trust)
+                update = _update(param, param.grad, group)
                 state = self.state[param]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.clone(grad).detach()
+                    state["momentum_buffer"] = torch.clone(update).detach()
                 else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(update)
                 param.add_(state["momentum_buffer"], alpha=-group["lr"])
         return loss
+
+
+def _update(param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    """The gradient with weight decay and trust ratio applied, per the group's rule."""
+    weight_decay, eta = group["weight_decay"], group["eta"]
+    decayed = grad.add(param, alpha=weight_decay) if weight_decay else grad
+    if not group["lars_adapt"]:
+        return decayed
+    param_norm = torch.linalg.vector_norm(param)
+    if group.get("rule", "lars") == "larc":
+        grad_norm = torch.linalg.vector_norm(grad)
+        both = (param_norm > 0) & (grad_norm > 0)
+        trust = eta * param_norm / (grad_norm + weight_decay * param_norm + 1e-8)
+        return torch.where(both, decayed * trust, grad)
+    update_norm = torch.linalg.vector_norm(decayed)
+    trust = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
+                        torch.ones_like(param_norm))
+    return decayed.mul(trust)
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
                     rules: dict[str, dict] | None = None) -> torch.optim.Optimizer:
     groups = param_groups(model, config, probe_lr, rules)
     if config.name == "lars":
-        return LARS(groups, lr=config.lr, momentum=config.momentum, eta=config.lars_eta)
-    if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+        optimizer: torch.optim.Optimizer = LARS(groups, lr=config.lr, momentum=config.momentum,
+                                                eta=config.lars_eta, rule=config.lars_rule)
+    elif config.name == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas))
+    return skipping_frozen_groups(optimizer)
+
+
+def skipping_frozen_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make `optimizer.step` leave out every group marked `frozen` (the trainer marks a group
+    while its `frozen_steps` last): its parameters, moments, momentum buffers and step counts
+    stay exactly as they were, which is what the official DINO and SwAV get by setting those
+    gradients to None. A frozen parameter's lr set to 0 would not do it: AdamW's moments and
+    step count, SGD's momentum buffer, would still build up. DeepSpeed's ZeRO optimizers step
+    the same object one group at a time, so it holds there too."""
+    step = optimizer.step
+
+    def step_unfrozen(*args, **kwargs):
+        groups = optimizer.param_groups
+        unfrozen = [group for group in groups if not group.get("frozen")]
+        if len(unfrozen) == len(groups):
+            return step(*args, **kwargs)
+        optimizer.param_groups = unfrozen
+        try:
+            return step(*args, **kwargs)
+        finally:
+            optimizer.param_groups = groups
+
+    optimizer.step = step_unfrozen  # type: ignore[method-assign]
+    return optimizer
 
 
 def lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int) -> WarmupCosine | WarmupSteps:
     """The lr as a function of the step: warm-up, then a cosine to `min_lr` or step decays."""
     warmup = round(config.warmup_epochs * steps_per_epoch)
     if config.lr_schedule == "cosine":
-        return WarmupCosine(peak=config.lr, total_steps=total_steps, warmup_steps=warmup, final=config.min_lr)
+        return WarmupCosine(peak=config.lr, total_steps=total_steps, warmup_steps=warmup, final=config.min_lr,
+                            start=config.warmup_start_lr, warmup_includes_peak=config.warmup_includes_peak)
     if config.lr_schedule != "step":
         raise ConfigError(f"optim.lr_schedule: {config.lr_schedule!r} is not one of cosine, step")
     milestones = list(config.lr_milestones)
@@ -109,4 +156,5 @@ def lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int) -> 
     if len(factors) != len(milestones):
         raise ConfigError(f"optim.lr_factors: {len(factors)} factors for {len(milestones)} optim.lr_milestones")
     return WarmupSteps(peak=config.lr, milestones=tuple(round(m * steps_per_epoch) for m in milestones),
-                       factors=tuple(factors), warmup_steps=warmup)
+                       factors=tuple(factors), warmup_steps=warmup, start=config.warmup_start_lr,
+                       warmup_includes_peak=config.warmup_includes_peak)

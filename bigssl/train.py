@@ -165,7 +165,9 @@ class Trainer:
         lr, weight_decay = self.lr(step), self.method.weight_decay_at(step)
         for group in self.engine.optimizer.param_groups:
             base = self.config.optim.lr if group.get("fixed_lr") else lr
-            group["lr"] = 0.0 if step < group.get("frozen_steps", 0) else base * group.get("lr_scale", 1.0)
+            group["lr"] = base * group.get("lr_scale", 1.0)
+            # A frozen group is left out of the optimizer step altogether (optim.skipping_frozen_groups).
+            group["frozen"] = step < group.get("frozen_steps", 0)
             if weight_decay is not None and group.get("scheduled_wd"):
                 group["weight_decay"] = weight_decay
         return lr
@@ -349,6 +351,8 @@ class Trainer:
                 if p.step == 0:
                     monitor.image("views/first_batch", view_grid(batch["views"], self.data.photometric), 0)
                 lr = self._set_lr(p.step)
+                if unit_rows := self.method.unit_norm_rows():
+                    self.engine.normalise_rows(unit_rows)
                 out = self.engine.forward(batch, p.step)
                 # One small collective per step: a finite loss on every rank, and whether a stop
                 # signal reached any rank (then every rank stops after this same step).
@@ -488,7 +492,7 @@ class Trainer:
             values.update(health.embedding_health(comm.gather_variable(out["embedding"].detach().float())))
         for index, group in enumerate(self.engine.optimizer.param_groups):
             name = group.get("name", f"group{index}")
-            values[f"lr/{name}"] = float(group["lr"])
+            values[f"lr/{name}"] = 0.0 if group.get("frozen") else float(group["lr"])  # the lr it steps with
             values[f"wd/{name}"] = float(group.get("weight_decay", 0.0))
         if self.method.ema_pairs():
             values["ema_momentum"] = self.method.ema_momentum(step)

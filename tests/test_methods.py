@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -91,9 +92,11 @@ def test_dino_schedules_hit_their_start_and_end_values():
     engine = engine_for("dino", "optim.weight_decay=0.04")
     method: DINO = engine.method
     method.configure_schedule(steps_per_epoch=10, total_steps=1000)
-    assert method.teacher_temperature(0) == pytest.approx(0.04)
-    assert method.teacher_temperature(150) == pytest.approx(0.055)  # halfway through 30 epochs
-    assert method.teacher_temperature(300) == pytest.approx(0.07) == method.teacher_temperature(999)
+    # The official per-epoch schedule: np.linspace(0.04, 0.07, 30)[epoch], then 0.07.
+    official = np.concatenate([np.linspace(0.04, 0.07, 30), np.full(70, 0.07)])
+    for step in (0, 9, 10, 150, 289, 290, 299, 300, 999):
+        assert method.teacher_temperature(step) == pytest.approx(official[step // 10], rel=1e-12)
+    assert method.teacher_temperature(9) == method.teacher_temperature(0)  # constant within an epoch
     assert method.weight_decay_at(0) == pytest.approx(0.04) and method.weight_decay_at(1000) == pytest.approx(0.4)
     assert method.param_rules() == {"head.last_layer.": {"frozen_steps": 10}}
 
@@ -139,6 +142,8 @@ def test_swav_codes_are_distributions_and_prototypes_start_frozen():
     method = engine.method
     method.configure_schedule(steps_per_epoch=7, total_steps=70)
     assert method.param_rules() == {"prototypes.": {"frozen_steps": 7}}
+    method.config.method.freeze_prototypes_steps = 313  # the official count, in iterations
+    assert method.param_rules() == {"prototypes.": {"frozen_steps": 313}}
     scores = torch.randn(BATCH, 24)
     codes = method._codes(scores, torch.randn(BATCH, 16), 0, 0)
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(BATCH))

@@ -96,13 +96,20 @@ class Method(nn.Module):
 
     def param_rules(self) -> dict[str, dict]:
         """Parameter-name prefix → options for that parameter group: `fixed_lr` (stay at the peak
-        lr, no schedule), `frozen_steps` (lr 0 until this step), `lr_scale`. Engine-agnostic:
-        nothing touches gradients, so it holds under ZeRO and FSDP too."""
+        lr, no schedule), `frozen_steps` (left out of the optimizer step until this step: no
+        update, no weight decay, no optimizer state), `lr_scale`. Engine-agnostic: the groups
+        live in the optimizer, which every engine steps, so it holds under ZeRO and FSDP too."""
         return {}
 
     def weight_decay_at(self, step: int) -> float | None:
         """The weight decay of the decaying groups at `step`, or None for the optimizer's constant."""
         return None
+
+    def unit_norm_rows(self) -> list[nn.Parameter]:
+        """Parameters whose stored rows the engine rescales to unit norm before every forward
+        (SwAV's prototypes, as the official code does at the start of each iteration), on
+        whatever tensors its layout holds, optimizer master copies included."""
+        return []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(student, teacher) modules of identical structure; after each optimizer step the

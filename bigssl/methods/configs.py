@@ -73,6 +73,9 @@ class DINOConfig(MethodConfig):
     teacher_temp_warmup_epochs: float = 30.0
     center_momentum: float = 0.9
     weight_decay_end: float = 0.4  # cosine from optim.weight_decay (0.04)
+    # How a ViT's position table is fitted to local crops: dino (bicubic with the official
+    # scale factor, no antialias) | timm (timm's dynamic_img_size resampling).
+    pos_interpolation: str = "dino"
 
 
 @dataclass
@@ -133,6 +136,7 @@ class SwAVConfig(MethodConfig):
     epsilon: float = 0.05
     sinkhorn_iterations: int = 3
     freeze_prototypes_epochs: float = 1.0
+    freeze_prototypes_steps: int = 0  # when > 0, steps instead of epochs (the official 313 iterations)
     queue_length: int = 0  # over all ranks; 0 = no queue (the bs-256 recipe: 3840)
     queue_start_epoch: int = 15
 

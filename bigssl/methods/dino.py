@@ -5,12 +5,14 @@ teacher (0.996 → 1, cosine) sees the global crops, and the student's softmax(�
 to the teacher's centred, sharpened softmax((· − c)/τ_t) for every pair of different crops
 (`bigssl.losses.dino_loss`, which sums over teacher views first). The centre c follows the
 all-reduced batch mean of the teacher's outputs (momentum 0.9); τ_t warms up 0.04 → 0.07 over
-30 epochs; weight decay follows a cosine 0.04 → 0.4; the head's weight-normalised last layer
-is frozen for the first epoch. Every schedule is a function of the step and is logged.
+30 epochs, per epoch as in the official code; weight decay follows a cosine 0.04 → 0.4; the
+head's weight-normalised last layer is left out of the optimizer for the first epoch. Every
+schedule is a function of the step and is logged.
 
 Head: MLP (2048, GELU, no BN) → 256-d bottleneck → L2-normalise → weight-normalised linear to
 K = 65536 outputs without bias; with `norm_last_layer` its scale is fixed at 1 (cosine-like
-prototypes). The teacher is built without drop-path (the student's regulariser).
+prototypes). The teacher is built without drop-path (the student's regulariser). Local crops
+meet a position table fitted the official way (`bigssl.models.vit_positions`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from bigssl import health, losses
 from bigssl.config import Config
 from bigssl.data.views import flat
 from bigssl.distributed import comm
+from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method, register
 from bigssl.methods.configs import DINOConfig
 from bigssl.models.backbones import build_backbone, feature_dim
+from bigssl.models.vit_positions import use_dino_position_table
 from bigssl.schedules import cosine_to, linear_warmup
 
 
@@ -38,7 +42,11 @@ class WeightNormLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, learn_scale: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
-        nn.init.trunc_normal_(self.weight, std=0.02)
+        # nn.Linear's own init, U(±1/√in), as the official head keeps for this layer (it is
+        # created after the trunc-normal init of the MLP). Only its direction enters the
+        # forward, but its norm sets how far each AdamW step turns it.
+        bound = 1 / math.sqrt(in_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
         self.scale = nn.Parameter(torch.ones(out_dim, 1)) if learn_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +81,9 @@ class DINO(Method):
         super().__init__(config)
         method: DINOConfig = config.method  # type: ignore[assignment]
         self.backbone = build_backbone(config.model)
+        if getattr(self.backbone, "cls_token", None) is not None:
+            # The official ViT draws its class token from trunc-normal 0.02 (timm: normal 1e-6).
+            nn.init.trunc_normal_(self.backbone.cls_token, std=0.02)
         self.head = DINOHead(feature_dim(self.backbone), method)
         teacher_model = copy.deepcopy(config.model)
         teacher_model.backbone_args = {k: v for k, v in config.model.backbone_args.items()
@@ -80,12 +91,26 @@ class DINO(Method):
         self.teacher_backbone = build_backbone(teacher_model).requires_grad_(False)
         self.teacher_backbone.load_state_dict(self.backbone.state_dict())
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        if method.pos_interpolation == "dino":
+            use_dino_position_table(self.backbone)
+            use_dino_position_table(self.teacher_backbone)
+        elif method.pos_interpolation != "timm":
+            raise ConfigError(f"method.pos_interpolation: {method.pos_interpolation!r} is not one of dino, timm")
         self.register_buffer("center", torch.zeros(1, method.out_dim))
 
     def teacher_temperature(self, step: int) -> float:
+        """The official schedule is per epoch, np.linspace(τ0, τ1, W)[epoch]: τ1 reached at
+        epoch W − 1. A whole number of warm-up epochs follows it exactly; a fractional one (a
+        short run) moves per step instead."""
         m: DINOConfig = self.config.method  # type: ignore[assignment]
+        warmup = m.teacher_temp_warmup_epochs
+        if warmup >= 1 and warmup == int(warmup):
+            epoch = step // self.steps_per_epoch
+            if epoch >= warmup:
+                return m.teacher_temp_final
+            return m.teacher_temp + (m.teacher_temp_final - m.teacher_temp) * epoch / max(1, warmup - 1)
         return linear_warmup(m.teacher_temp, m.teacher_temp_final, step,
-                             round(m.teacher_temp_warmup_epochs * self.steps_per_epoch))
+                             round(warmup * self.steps_per_epoch))
 
     def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         method: DINOConfig = self.config.method  # type: ignore[assignment]

@@ -2,10 +2,11 @@
 
 Crops are scored against K learnable prototypes (unit vectors, 3000 on ImageNet); the codes of
 each global crop, from a distributed Sinkhorn over the global batch (ε 0.05, 3 iterations, no
-gradient), are predicted from every other crop: swapped prediction with multi-crop. The
-prototypes are normalised in the forward (the official code renormalises their storage before
-each step; normalising where they are used also holds when an engine shards them) and frozen
-for the first epoch. A queue of past global-crop embeddings (per rank, `queue_length` over all
+gradient), are predicted from every other crop: swapped prediction with multi-crop. As in the
+official code (main_swav.py), the stored prototype rows are rescaled to unit norm before every
+forward (`unit_norm_rows`: the engine does it wherever it keeps them, ZeRO's master copies
+included), the forward uses them as they are, and they are left out of the optimizer for the
+first epoch (no update, no momentum). A queue of past global-crop embeddings (per rank, `queue_length` over all
 ranks) joins the Sinkhorn from `queue_start_epoch`, for small batches.
 """
 
@@ -38,19 +39,24 @@ class SwAV(Method):
         self.backbone = build_backbone(config.model)
         self.projector = projector(feature_dim(self.backbone), config.model.projector)
         dim = config.model.projector.out_dim
-        self.prototypes = nn.Linear(dim, method.prototypes, bias=False)
+        self.prototypes = nn.Linear(dim, method.prototypes, bias=False)  # nn.Linear's init, as official
+        with torch.no_grad():  # unit rows from the start, so a forward outside the trainer scores cosines
+            self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         # Past embeddings of the 2 global crops, this rank's own; rows of zeros are "not filled
         # yet". A plain tensor, not a buffer: DDP would overwrite every rank's with rank 0's. Like
         # the official code's, it is not in the checkpoint: a resumed run refills it.
         self.queue = torch.zeros(2, method.queue_length // comm.world_size(), dim)
 
     def param_rules(self) -> dict[str, dict]:
-        frozen = round(self.config.method.freeze_prototypes_epochs * self.steps_per_epoch)
+        method: SwAVConfig = self.config.method  # type: ignore[assignment]
+        frozen = method.freeze_prototypes_steps or round(method.freeze_prototypes_epochs * self.steps_per_epoch)
         return {"prototypes.": {"frozen_steps": frozen}}
 
+    def unit_norm_rows(self) -> list[nn.Parameter]:
+        return [self.prototypes.weight]
+
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
-        weight = self.prototypes.weight
-        return z @ (weight / weight.norm(dim=1, keepdim=True).detach()).T
+        return self.prototypes(z)  # rows already unit (unit_norm_rows)
 
     def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         method: SwAVConfig = self.config.method  # type: ignore[assignment]

@@ -89,6 +89,7 @@ class Engine(ABC):
 
     def _clip_and_step(self) -> float:
         """Unscale (fp16), clip and step for engines whose parameters the optimizer sees directly."""
+        self._drop_frozen_gradients()
         params = [p for p in self.method.parameters() if p.grad is not None]
         finite = True
         if self.scaler is not None:  # gradients must be true-sized before clipping measures them
@@ -111,6 +112,15 @@ class Engine(ABC):
             self.scaler.update(finite)
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
+
+    def _drop_frozen_gradients(self) -> None:
+        """A frozen group's gradients are dropped before clipping, as the official DINO and SwAV
+        drop them (p.grad = None), so they count in no norm. (DeepSpeed keeps gradients in its
+        own flat buffers: there they still count in the global clipping norm.)"""
+        for group in self.optimizer.param_groups:
+            if group.get("frozen"):
+                for param in group["params"]:
+                    param.grad = None
 
     @torch.no_grad()
     def _clip_each(self, params: list[torch.Tensor], max_norm: float) -> None:
@@ -148,6 +158,15 @@ class Engine(ABC):
         if teachers:
             torch._foreach_mul_(teachers, momentum)
             torch._foreach_add_(teachers, students, alpha=1.0 - momentum)
+
+    @torch.no_grad()
+    def normalise_rows(self, params: list[nn.Parameter]) -> None:
+        """Rescale every row of each (2-D) parameter to unit norm where it is stored. Replicated
+        engines hold whole parameters and FSDP2 shards on dim 0, so each rank holds whole rows
+        and needs no communication."""
+        for param in params:
+            rows = self.local_tensor(param)
+            rows.copy_(torch.nn.functional.normalize(rows.float(), dim=1).to(rows.dtype))
 
     def full_module(self, module: nn.Module) -> nn.Module:
         """`module` with every parameter whole on this rank, for evaluation and export (a

@@ -149,6 +149,28 @@ class DeepSpeedEngine(Engine):
     def local_tensor(self, param: torch.Tensor) -> torch.Tensor:
         return param.ds_tensor if hasattr(param, "ds_tensor") else param.detach()
 
+    @torch.no_grad()
+    def normalise_rows(self, params: list[nn.Parameter]) -> None:
+        """Rows live in two places under ZeRO: the parameter the forward reads and the
+        optimizer's fp32 master partition, which is copied into it after every step. Both get
+        the unit rows. Stage 3 cuts rows across ranks, so the whole parameter is gathered."""
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        if self.stage < 3:  # every rank holds the whole parameter
+            for param in params:
+                unit = torch.nn.functional.normalize(param.detach().float(), dim=1)
+                param.data.copy_(unit.to(param.dtype))
+                safe_set_full_fp32_param(param, unit)
+            return
+        units = []
+        with _deepspeed().zero.GatheredParameters(params, modifier_rank=0):  # a collective
+            for param in params:
+                unit = torch.nn.functional.normalize(param.detach().float(), dim=1)
+                param.data.copy_(unit.to(param.dtype))  # re-partitioned from rank 0 on exit
+                units.append(unit)
+        for param, unit in zip(params, units, strict=True):
+            safe_set_full_fp32_param(param, unit)  # this rank's master partition
+
     def full_module(self, module: nn.Module) -> nn.Module:
         if self.stage < 3:
             return module
