@@ -108,9 +108,15 @@ class OptimConfig:
     lr_scaling: str = "linear"  # linear: base_lr × batch/256; sqrt: base_lr × √batch; none
     lr: float = 0.0  # 0 = derived from base_lr by lr_scaling (the resolved value is recorded)
     min_lr: float = 0.0  # end of the cosine
+    # > 0: min_lr is this fraction of the resolved lr, so it scales with the batch as the lr does
+    # (Barlow Twins' 0.001 × peak); it overrides min_lr, whose resolved value is recorded.
+    min_lr_fraction: float = 0.0
     lr_schedule: str = "cosine"  # cosine | step (after the warm-up)
     lr_milestones: list[float] = field(default_factory=list)  # step: epochs where the lr drops
     lr_factors: list[float] = field(default_factory=list)  # step: lr/peak from each milestone on; [] = 0.1, 0.01, …
+    # true: the lr is set once per epoch, to the schedule's value at the epoch's first step (MoCo v2
+    # and SimSiam's official cosine); false: every step.
+    lr_per_epoch: bool = False
     warmup_epochs: float = 10.0
     warmup_start_lr: float = 0.0  # the lr at the warm-up's first step (SwAV: 0.3)
     # True: the warm-up's last step is at the peak, as np.linspace(start, peak, n) gives (official
@@ -338,6 +344,8 @@ def resolve(config: Config) -> None:
             optim.lr = optim.base_lr * math.sqrt(optim.batch_size)
         else:
             optim.lr = optim.base_lr
+    if optim.min_lr_fraction > 0:
+        optim.min_lr = optim.min_lr_fraction * optim.lr
     if not config.log.dir:
         config.log.dir = str(Path("runs") / config.name)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from bigssl.config import OptimConfig
 from bigssl.errors import ConfigError
-from bigssl.schedules import WarmupCosine, WarmupSteps
+from bigssl.schedules import PerEpoch, WarmupCosine, WarmupSteps
 
 PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (Method.attach_online_probe)
 
@@ -141,8 +141,15 @@ def skipping_frozen_groups(optimizer: torch.optim.Optimizer) -> torch.optim.Opti
     return optimizer
 
 
-def lr_schedule(config: OptimConfig, steps_per_epoch: int, total_steps: int) -> WarmupCosine | WarmupSteps:
-    """The lr as a function of the step: warm-up, then a cosine to `min_lr` or step decays."""
+def lr_schedule(config: OptimConfig, steps_per_epoch: int,
+                total_steps: int) -> WarmupCosine | WarmupSteps | PerEpoch:
+    """The lr as a function of the step: warm-up, then a cosine to `min_lr` or step decays;
+    with `lr_per_epoch`, held at each epoch's first value."""
+    schedule = _lr_curve(config, steps_per_epoch, total_steps)
+    return PerEpoch(schedule, max(1, steps_per_epoch)) if config.lr_per_epoch else schedule
+
+
+def _lr_curve(config: OptimConfig, steps_per_epoch: int, total_steps: int) -> WarmupCosine | WarmupSteps:
     warmup = round(config.warmup_epochs * steps_per_epoch)
     if config.lr_schedule == "cosine":
         return WarmupCosine(peak=config.lr, total_steps=total_steps, warmup_steps=warmup, final=config.min_lr,

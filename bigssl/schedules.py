@@ -7,6 +7,7 @@ the uninterrupted run would have used, and every schedule can be logged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -69,3 +70,15 @@ def linear_warmup(start: float, end: float, step: int, warmup_steps: int) -> flo
     if step >= warmup_steps:
         return end
     return start + (end - start) * step / warmup_steps
+
+
+@dataclass(frozen=True)
+class PerEpoch:
+    """`schedule` held at its value for each epoch's first step: the lr of MoCo v2 and SimSiam,
+    which their official loops set once per epoch (a cosine in the epoch index)."""
+
+    schedule: Callable[[int], float]
+    steps_per_epoch: int
+
+    def __call__(self, step: int) -> float:
+        return self.schedule(step - step % self.steps_per_epoch)

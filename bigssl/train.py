@@ -495,7 +495,7 @@ class Trainer:
             values[f"lr/{name}"] = 0.0 if group.get("frozen") else float(group["lr"])  # the lr it steps with
             values[f"wd/{name}"] = float(group.get("weight_decay", 0.0))
         if self.method.ema_pairs():
-            values["ema_momentum"] = self.method.ema_momentum(step)
+            values["ema_momentum"] = self.method.ema_momentum(step - 1)  # the update after the step just taken
         values.update(runtime.memory_gib(self.device))
         return values
 

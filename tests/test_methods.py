@@ -79,13 +79,17 @@ def test_simclr_loss_is_nt_xent_of_its_projections_over_all_views(views: int):
     assert not out["features"].requires_grad and out["features"].shape[0] == BATCH  # only the loss carries grad
 
 
-@pytest.mark.parametrize("method,start", [("byol", 0.996), ("mocov3", 0.99), ("dino", 0.996)])
-def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float):
+@pytest.mark.parametrize("method,start,shift", [("byol", 0.996, 0), ("mocov3", 0.99, 1), ("dino", 0.996, 0)])
+def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float, shift: int):
+    """m(t) = 1 − (1 − m0)·½(1 + cos(π t / T)), applied after optimizer step s with t = s + shift:
+    MoCo v3's official update at the start of step s + 1 uses m(s + 1)."""
     engine = engine_for(method)
     engine.method.configure_schedule(steps_per_epoch=10, total_steps=100)
     momentum = engine.method.ema_momentum
-    assert momentum(0) == pytest.approx(start) and momentum(100) == pytest.approx(1.0)
-    assert momentum(50) == pytest.approx((start + 1) / 2)
+    for step in (0, 37, 50 - shift, 100 - shift):
+        t = step + shift
+        assert momentum(step) == pytest.approx(1 - (1 - start) * 0.5 * (1 + math.cos(math.pi * t / 100)), rel=1e-12)
+    assert momentum(50 - shift) == pytest.approx((start + 1) / 2) and momentum(100 - shift) == pytest.approx(1.0)
 
 
 def test_dino_schedules_hit_their_start_and_end_values():
@@ -129,11 +133,24 @@ def test_simsiam_stops_the_gradient_at_the_target_projection():
 
 
 def test_mocov3_vit_has_a_frozen_random_patch_projection_and_sincos_positions():
+    """The position table is vits.py's formula, written out here: for the patch in row r, column
+    c, the quarters sin(r·ω_k), cos(r·ω_k), sin(c·ω_k), cos(c·ω_k), ω_k = 10000^(−k/(D/4)); the
+    class token's position is zero; nothing of it is learned."""
     method = engine_for("mocov3").method
     assert not method.backbone.patch_embed.proj.weight.requires_grad
     assert not method.backbone.pos_embed.requires_grad
-    table = method.backbone.pos_embed[0, 1:]
-    assert table.abs().max() <= 1.0 and table[0].abs().sum() > 0  # sin/cos values, not the random init
+    rows, cols = method.backbone.patch_embed.grid_size
+    dim = method.backbone.pos_embed.shape[-1]
+    quarter = dim // 4
+    expected = torch.zeros(1 + rows * cols, dim, dtype=torch.float64)
+    for r in range(rows):
+        for c in range(cols):
+            for k in range(quarter):
+                omega = 10000.0 ** (-k / quarter)
+                expected[1 + r * cols + c, [k, quarter + k, 2 * quarter + k, 3 * quarter + k]] = torch.tensor(
+                    [math.sin(r * omega), math.cos(r * omega), math.sin(c * omega), math.cos(c * omega)],
+                    dtype=torch.float64)
+    torch.testing.assert_close(method.backbone.pos_embed[0].double(), expected, atol=1e-6, rtol=1e-5)
     assert all(not p.requires_grad for p in method.momentum_backbone.parameters())
 
 

@@ -112,13 +112,15 @@ class Method(nn.Module):
         return []
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        """(student, teacher) modules of identical structure; after each optimizer step the
-        engine moves every teacher parameter towards its student's by `ema_momentum(step)`, on
-        whatever local tensors its layout holds. Teachers must have requires_grad=False."""
+        """(student, teacher) modules of identical structure; after optimizer step `step` (counted
+        from 0) the engine moves every teacher parameter towards its student's by
+        `ema_momentum(step)`, on whatever local tensors its layout holds. Teachers must have
+        requires_grad=False."""
         return []
 
     def ema_momentum(self, step: int) -> float:
-        """The teacher keeps this fraction of itself at `step` (e.g. 0.996 → 1, cosine)."""
+        """The fraction of itself the teacher keeps in the update after optimizer step `step`
+        (e.g. 0.996 → 1, cosine); each method's docstring says which official index it follows."""
         return 0.0
 
 

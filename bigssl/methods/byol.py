@@ -5,6 +5,13 @@ slowly moving EMA target network makes of the other view: ‖p̄ − z̄′‖²
 No negatives; the predictor and the EMA target (τ 0.996 → 1, cosine over training) prevent
 collapse. Each view goes through the networks on its own, so BN statistics are per view, as in
 the official code.
+
+Momentum index: the official update (deepmind-research byol/byol_experiment.py:335-343) applies
+the optimizer step of global step t (counted from 0, main_loop.py:62-92), then moves the target
+with τ(t) towards the new online weights: `ema_momentum(t)` is τ(t), which the trainer applies
+after optimizer step t. The official target starts from its own random draw
+(byol_experiment.py:373-385; its comment saw "no significant difference"); here it starts as a
+copy of the online network.
 """
 
 from __future__ import annotations

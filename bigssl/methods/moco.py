@@ -15,6 +15,11 @@ the alternative.
 
 v1 and v2 differ in their recipes only: v2 = MLP head (model.projector 2 layers, no BN),
 τ 0.2, the mocov2 view policy (blur) and a cosine lr.
+
+Momentum index: the official step moves the key encoder with the constant m before computing
+its keys (facebookresearch/moco moco/builder.py:129-130 at 78b69ca), from the query weights the
+previous step left; the trainer makes the same update right after that previous step. With m
+constant, no schedule index is involved.
 """
 
 from __future__ import annotations

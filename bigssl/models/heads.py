@@ -8,11 +8,13 @@ from bigssl.config import ProjectorConfig
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: bool,
-        last_batch_norm: bool | None = None, last_affine: bool = True) -> nn.Sequential:
+        last_batch_norm: bool | None = None, last_affine: bool = True,
+        last_bias: bool | None = None) -> nn.Sequential:
     """Linear → (BN) → ReLU, repeated, then a final Linear (→ BN when `last_batch_norm`).
 
     SimCLR's official heads put BN on every layer, the output included, and drop the biases
-    that a following BN would cancel.
+    that a following BN would cancel. `last_bias` (default: no BN after it) is for heads whose
+    official output layer has no bias although nothing normalises it (MoCo v3's ResNet predictor).
     """
     if layers < 1:
         raise ValueError("an MLP head needs at least one layer")
@@ -25,7 +27,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int, batch_norm: boo
             modules.append(nn.BatchNorm1d(hidden_dim))
         modules.append(nn.ReLU(inplace=True))
         dim = hidden_dim
-    modules.append(nn.Linear(dim, out_dim, bias=not last_batch_norm))
+    modules.append(nn.Linear(dim, out_dim, bias=not last_batch_norm if last_bias is None else last_bias))
     if last_batch_norm:
         modules.append(nn.BatchNorm1d(out_dim, affine=last_affine))
     return nn.Sequential(*modules)
