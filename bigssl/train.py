@@ -179,6 +179,7 @@ class Trainer:
 
     def _save(self, loader_skipped: dict[str, int]) -> None:
         p = self.progress
+        comm.broadcast_norm_statistics(self.method)  # the checkpoint holds rank 0's, whichever rank writes
         merged, merged_bad = Consumed(), Consumed()
         for part, bad in comm.all_gather_object((p.consumed.state_dict(), p.bad.state_dict())):
             merged.merge(Consumed.from_state(part))  # exact mode: ranks read disjoint shards
@@ -214,6 +215,7 @@ class Trainer:
     def _knn_with_features(self, model: torch.nn.Module | None = None) -> tuple[dict[str, float], knn.Features]:
         ev, data = self.config.eval, self.config.data
         model = model or self.engine.full_module(self.method.backbone)
+        comm.broadcast_norm_statistics(model)  # one network on every rank: the one exported
         args = (data.views, self.data.photometric.normalize, ev.batch_size, data.workers, self.device,
                 data.timeout_s)
         train = knn.extract(model, self.data.shards, *args)

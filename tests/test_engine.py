@@ -84,3 +84,25 @@ def test_bf16_autocast_runs_the_forward_in_bf16():
 def test_fp16_needs_a_gpu():
     with pytest.raises(ConfigError, match="engine.precision"):
         engine_for(engine__precision="fp16")
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp", "zero1", "zero2", "zero3"])
+def test_ema_update_is_m_teacher_plus_one_minus_m_student_on_every_engine(kind: str):
+    """One process, each engine's own local tensors (ZeRO-3's ds_tensor, FSDP2's shards):
+    teacher ← m·teacher + (1 − m)·student, written out on whole tensors."""
+    from engine_cases import full, make_config, setup
+
+    keys = {"ddp": ["engine.kind=ddp"], "fsdp": ["engine.kind=fsdp"],
+            **{f"zero{s}": ["engine.kind=deepspeed", f"engine.zero_stage={s}"] for s in (1, 2, 3)}}[kind]
+    engine = setup(make_config("test_tiny_ema", *keys), 0, 1)
+    pairs = engine.method.ema_pairs()
+    with torch.no_grad():  # a teacher apart from its student, so m and 1 − m cannot be confused
+        for _, teacher in pairs:
+            for param in teacher.parameters():
+                engine.local_tensor(param).mul_(-3.0).add_(1.0)
+    students = [full(p) for s, _ in pairs for p in s.parameters()]
+    teachers = [full(p) for _, t in pairs for p in t.parameters()]
+    engine.ema_update(pairs, 0.9)
+    after = [full(p) for _, t in pairs for p in t.parameters()]
+    for got, teacher, student in zip(after, teachers, students, strict=True):
+        torch.testing.assert_close(got, 0.9 * teacher + 0.1 * student, rtol=1e-6, atol=1e-7)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from bigssl import losses
@@ -31,6 +32,8 @@ def test_nt_xent_is_low_for_matching_views_and_scale_invariant():
     z = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
     aligned = losses.nt_xent(z, z.clone(), 0.1, gather=False)
     shuffled = losses.nt_xent(z, z.roll(1, dims=0), 0.1, gather=False)
+    assert aligned.item() == pytest.approx(nt_xent_by_formula(z, z.clone(), 0.1), rel=1e-5)
+    assert shuffled.item() == pytest.approx(nt_xent_by_formula(z, z.roll(1, dims=0), 0.1), rel=1e-5)
     assert aligned < shuffled
     # Inputs are normalised inside: scaling a projection changes nothing.
     assert torch.allclose(aligned, losses.nt_xent(3 * z, z, 0.1, gather=False), atol=1e-6)

@@ -111,6 +111,15 @@ def test_sinkhorn_is_finite_for_bf16_scores_and_tiny_epsilon():
     codes = losses.sinkhorn(scores, epsilon=0.01, iterations=3)
     assert torch.isfinite(codes).all()
     torch.testing.assert_close(codes.sum(dim=1), torch.ones(32))
+    # The official iteration in float64 plain exponentials (exp(300) is finite there), scores shifted
+    # by their maximum first (a constant factor the first normalisation removes).
+    x = scores.double()
+    q = torch.exp((x - x.max()) / 0.01).T
+    q /= q.sum()
+    for _ in range(3):
+        q /= q.sum(dim=1, keepdim=True) * 100
+        q /= q.sum(dim=0, keepdim=True) * 32
+    torch.testing.assert_close(codes.double(), (q * 32).T, rtol=1e-4, atol=1e-6)
 
 
 def test_swav_loss_matches_the_double_loop():

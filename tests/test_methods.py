@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from engine_cases import BATCH, make_config, setup
 from helpers import QUICKSTART, SMALL
@@ -55,6 +56,49 @@ def test_method_trains_a_step_and_reports_its_numbers(method: str):
         assert out["uniform_loss"].item() == pytest.approx(math.log(outputs))
         assert 0 <= out["teacher_entropy"].item() <= out["uniform_loss"].item() + 1e-4
         assert out["teacher_student_kl"].item() >= -1e-5
+
+
+def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a * b).sum(1).div(a.norm(dim=1) * b.norm(dim=1)).mean()
+
+
+def _info_nce_written_out(q: torch.Tensor, k: torch.Tensor, tau: float) -> torch.Tensor:
+    """Cross-entropy of cos(q_i, k_j)/τ with the positive on the diagonal."""
+    logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau
+    return (torch.logsumexp(logits, dim=1) - logits.diag()).mean()
+
+
+@pytest.mark.parametrize("method", ["byol", "simsiam", "barlow", "mocov3"])
+def test_method_loss_is_its_formula_on_recomputed_embeddings(method: str):
+    """The loss a method returns equals its paper's formula on embeddings recomputed here from
+    its own modules (eval mode: BN fixed, so both computations see the same network)."""
+    engine = engine_for(method)
+    model = engine.method.eval()
+    views = batch_for(method)["views"][0]
+    with torch.no_grad():
+        out = model({"views": [views], "label": torch.zeros(BATCH, dtype=torch.long)}, 0)
+        h = [model.backbone(views[v]) for v in range(2)]
+        if method == "byol":  # 2 − 2·cos(prediction, target of the other view), both ways
+            p = [model.predictor(model.projector(x)) for x in h]
+            t = [model.target_projector(model.target_backbone(views[v])) for v in range(2)]
+            expected = (2 - 2 * _cosine_mean(p[0], t[1])) + (2 - 2 * _cosine_mean(p[1], t[0]))
+        elif method == "simsiam":  # −½ [cos(p1, z2) + cos(p2, z1)]
+            z = [model.projector(x) for x in h]
+            p = [model.predictor(x) for x in z]
+            expected = -0.5 * (_cosine_mean(p[0], z[1]) + _cosine_mean(p[1], z[0]))
+        elif method == "barlow":
+            # Official main.py: c = bn(z1)ᵀ bn(z2) / N (BatchNorm1d without affine, training
+            # statistics); Σ (1 − c_ii)² + λ Σ_{i≠j} c_ij².
+            z = [F.batch_norm(model.projector(x), None, None, training=True) for x in h]
+            c = z[0].T @ z[1] / BATCH
+            off = c - torch.diag(torch.diagonal(c))
+            expected = (torch.diagonal(c) - 1).pow(2).sum() + model.config.method.lambd * off.pow(2).sum()
+        else:  # MoCo v3: 2τ [ctr(q1, k2) + ctr(q2, k1)]
+            tau = model.config.method.temperature
+            q = [model.predictor(model.projector(x)) for x in h]
+            k = [model.momentum_projector(model.momentum_backbone(views[v])) for v in range(2)]
+            expected = 2 * tau * (_info_nce_written_out(q[0], k[1], tau) + _info_nce_written_out(q[1], k[0], tau))
+    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("views", [2, 3])
@@ -161,9 +205,19 @@ def test_swav_codes_are_distributions_and_prototypes_start_frozen():
     assert method.param_rules() == {"prototypes.": {"frozen_steps": 7}}
     method.config.method.freeze_prototypes_steps = 313  # the official count, in iterations
     assert method.param_rules() == {"prototypes.": {"frozen_steps": 313}}
-    scores = torch.randn(BATCH, 24)
+    scores = torch.randn(BATCH, 24, generator=torch.Generator().manual_seed(0))
     codes = method._codes(scores, torch.randn(BATCH, 16), 0, 0)
-    torch.testing.assert_close(codes.sum(dim=1), torch.ones(BATCH))
+    # The official Sinkhorn-Knopp (main_swav.py distributed_sinkhorn), written out in plain
+    # exponentials: Q = exp(scores/ε)ᵀ / total; per iteration rows (prototypes) to 1/K, columns
+    # (samples) to 1/B; codes = B·Q, transposed.
+    epsilon, iterations = method.config.method.epsilon, method.config.method.sinkhorn_iterations
+    q = torch.exp(scores.double() / epsilon).T
+    q /= q.sum()
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True) * 24
+        q /= q.sum(dim=0, keepdim=True) * BATCH
+    torch.testing.assert_close(codes.double(), (q * BATCH).T, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(codes.sum(dim=1), torch.ones(BATCH), rtol=1e-5, atol=1e-6)
 
 
 def test_trainer_applies_frozen_groups_fixed_lr_and_the_weight_decay_schedule(tmp_path: Path):

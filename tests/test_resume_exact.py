@@ -146,7 +146,7 @@ def _logged(run: Path) -> list[dict]:
             if "loss" in (r := json.loads(line))]
 
 
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, pytest.param(2, marks=pytest.mark.distributed)])
 def test_resumed_epoch_replays_the_uninterrupted_batches_and_views(tmp_path: Path, world_size: int):
     data = textured_shards(tmp_path / "ds")
     recipe = tmp_path / "recipe.yaml"

@@ -153,6 +153,23 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     return box[0]
 
 
+@torch.no_grad()
+def broadcast_norm_statistics(module: torch.nn.Module) -> None:
+    """Every rank's BatchNorm running statistics become rank 0's. Each rank updates them from
+    its own batches and no engine keeps them equal (DDP re-broadcasts only at its next forward;
+    DCP keeps one rank's copy, not necessarily rank 0's): an evaluation that embeds the train set
+    on one rank and the val set on another scores no one network, and a checkpoint would hold
+    statistics the exported backbone does not. Other buffers (queues, banks, centres) are kept
+    equal by the methods that own them."""
+    if not is_distributed():
+        return
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
+            for buffer in (layer.running_mean, layer.running_var, layer.num_batches_tracked):
+                if buffer is not None:
+                    dist.broadcast(buffer, src=0)
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
