@@ -20,6 +20,7 @@ from torch import nn
 from bigssl.config import Config
 from bigssl.distributed.engines.loss_scale import DynamicLossScaler
 from bigssl.distributed.env import DistEnv
+from bigssl.distributed.global_bn import convert_sync_bn
 from bigssl.errors import ConfigError
 from bigssl.methods.base import Batch, Method
 
@@ -44,8 +45,13 @@ class Engine(ABC):
     optimizer: torch.optim.Optimizer
 
     def prepare(self, method: Method) -> None:
-        """The engine switches that change how the backbone runs, not what it computes;
-        each engine's setup calls this before wrapping."""
+        """The model changes every engine makes before it wraps or shards the method and builds
+        its optimizer: global-batch BatchNorm (`sync_bn`), then the switches that change how the
+        backbone runs, not what it computes. Each engine's setup calls this first."""
+        if self.config.engine.sync_bn and self.env.distributed:
+            # The whole method, EMA teachers and heads alike (as the official code converts the
+            # whole model): a teacher keeps its student's parameter names and pairing.
+            convert_sync_bn(method)
         backbone = method.backbone
         if self.config.engine.activation_checkpointing:
             if not hasattr(backbone, "set_grad_checkpointing"):

@@ -19,8 +19,6 @@ class DDPEngine(Engine):
     def setup(self, method: Method, optimizer_factory) -> None:
         method.to(self.device)
         self.prepare(method)
-        if self.config.engine.sync_bn and self.env.distributed:
-            method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.method = method
         self.optimizer = optimizer_factory(method)
         if self.env.distributed:
