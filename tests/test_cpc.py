@@ -61,7 +61,15 @@ def test_cpc_trains_on_a_grid_of_patches():
     method = build(make_config("cpc", *CPC_KEYS))
     patches = torch.rand(9, 2, 3, 8, 8)  # a 3 × 3 grid of 8 px patches, 2 images
     out = method({"views": [patches]}, 0)
-    assert out["loss"].item() == pytest.approx(math.log(2 * 9), rel=0.2)  # near ln(#candidates) at init
+    # The codes rebuilt patch by patch into [B, D, row, column] (cell r·3 + c is row r, column c),
+    # then the loss of every direction's context network, averaged.
+    with torch.no_grad():
+        z = torch.stack([torch.stack([torch.stack([method.backbone(patches[3 * r + c, b][None])[0]
+                                                   for c in range(3)], dim=-1) for r in range(3)], dim=-2)
+                         for b in range(2)])
+        expected = sum(losses.cpc_loss(net(oriented(z, d)), oriented(z, d)) for d, net in method.context.items())
+    assert out["loss"].item() == pytest.approx(expected.item() / len(method.context), rel=1e-5)
+    torch.testing.assert_close(out["features"].detach(), z.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
     out["loss"].backward()
     assert method.backbone.conv1.weight.grad.abs().sum() > 0
     assert out["features"].shape == (2, method.backbone.num_features)
