@@ -255,7 +255,14 @@ def test_every_recipe_resolves_and_builds_its_method(recipe: Path):
     config = config_lib.load(recipe, [])
     assert config.method.name in recipe.stem
     method = build(config)
-    assert sum(p.numel() for p in method.backbone.parameters()) > 0
+    count = sum(p.numel() for p in method.backbone.parameters())
+    assert count > 0
+    # The published trunks (no classifier): torchvision's ResNet-50, 25,557,032 parameters less
+    # its 2048 → 1000 fc; DeiT-S / ViT-S/16, 22,050,664 less its 384 → 1000 head.
+    published = {"resnet50": 25_557_032 - 2_049_000, "vit_small_patch16_224": 22_050_664 - 385_000}
+    standard = config.model.backbone in published and "channels" not in config.model.backbone_args
+    if recipe.parent.name == "imagenet" and standard:
+        assert count == published[config.model.backbone]
     if recipe.parent.name == "imagenet":
         assert "Target:" in recipe.read_text() and "Sources:" in recipe.read_text()
 
