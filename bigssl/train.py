@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bigssl import config as config_lib
-from bigssl import health, preemption, runtime
+from bigssl import files, health, preemption, runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
@@ -305,16 +305,19 @@ class Trainer:
             messages.append(f"bigssl: resumed from {resume_from} (step {self.progress.step})")
         elif self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
+            files.write_text(self.run_dir / "config.yaml", config_lib.to_yaml(config))
         p = self.progress
         monitor = Monitor(self.run_dir, self.env.is_main, p.step, tensorboard=config.log.tensorboard,
                           progress=config.log.progress)
         try:
             for message in messages:
                 monitor.message(message)
-            return self._run(monitor, fresh=resume_from is None)
-        finally:
-            monitor.close()  # also on errors, so the bar does not print after the error line
+            scores = self._run(monitor, fresh=resume_from is None)
+        except BaseException:
+            monitor.close(failing=True)  # also on errors, so the bar does not print after the error line
+            raise
+        monitor.close()
+        return scores
 
     def _run(self, monitor: Monitor, fresh: bool) -> dict[str, float]:
         config, p = self.config, self.progress

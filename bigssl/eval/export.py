@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from bigssl import files
 from bigssl.checkpoint import Checkpointer, verify_alone
 from bigssl.config import Config
 from bigssl.errors import CheckpointError, UserError
@@ -36,13 +37,10 @@ def save_backbone(backbone: nn.Module, config: Config, run_dir: Path) -> Path:
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, renamed into place when complete (a failed write names `path`)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "bigssl"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt",
+                                                                                   "producer": "bigssl"}))
 
 
 def checkpoint_dir(run_or_checkpoint: Path) -> Path:
