@@ -8,14 +8,19 @@ looks complete, and older checkpoints are deleted only after the new one is publ
 
 Faults are decided together: every step that can fail on one rank (a full disk, a bad shard, a
 non-finite weight) is followed by a collective that tells every rank, so all ranks raise the
-same error instead of some of them waiting forever in the next collective. A checkpoint that
-fails its checksums at resume is renamed `step_XXXXXXXX.corrupt` (never deleted: it is the
-user's data) and the next older one is tried.
+same error instead of some of them waiting forever in the next collective.
+
+Nothing is loaded unverified: a checkpoint is used only when it has a manifest, its files are
+exactly the manifest's with the sizes and hashes it lists, and every file parses as its engine
+reads it without running code (bigssl/distributed/engines/safe_load.py: the checksums catch
+damage, the parsers malice, since whoever can plant a file can rewrite the manifest too). At
+resume, a checkpoint that fails any of this, or whose load then fails, is renamed
+`step_XXXXXXXX.corrupt` (never deleted: it is the user's data) and the next older one is
+tried; export and eval refuse it (bigssl/eval/export.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -27,11 +32,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from torch.distributed.checkpoint import CheckpointException
 
+from bigssl import files
 from bigssl.distributed import comm
+from bigssl.distributed.engines import safe_load
 from bigssl.distributed.engines.base import Engine
-from bigssl.errors import UserError
+from bigssl.distributed.engines.dcp_safe import CheckpointException
+from bigssl.errors import CheckpointError, UserError
 
 PATTERN = re.compile(r"^step_(\d{8})$")
 CORRUPT = re.compile(r"^step_\d{8}\.corrupt(-\d+)?$")  # set aside: neither resumed nor counted by retention
@@ -177,14 +184,12 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------- resume
     def verify(self, checkpoint: Path) -> str | None:
-        """What is wrong with `checkpoint` ('file: reason'), or None when it matches its manifest
-        or has none (written before manifests existed). A collective: the files are checked in
-        parallel over ranks and every rank returns the same answer."""
+        """What is wrong with `checkpoint` ('file: reason'), or None when its files are exactly
+        its manifest's and each parses safely. A collective: the files are checked in parallel
+        over ranks and every rank returns the same answer."""
         read = self._from_main(lambda: _read_manifest(checkpoint))
         if isinstance(read, str):
             return read
-        if read is None:
-            return None
         rank, world = comm.rank(), comm.world_size()
         try:
             mine = _first_problem(checkpoint, read[rank::world])
@@ -199,18 +204,29 @@ class Checkpointer:
         return f"{read[index]['path']}: {reason}"
 
     def resumable(self, warn: Callable[[str], None]) -> Path | None:
-        """The newest published checkpoint that verifies, or None for a run with no checkpoint
-        (a collective: every rank gets the same answer). Each corrupt one met on the way is
-        renamed `.corrupt` and reported through `warn` (called on every rank with the same line).
-        Raises UserError when checkpoints exist but none is intact: starting afresh would
-        overwrite the run."""
+        """The newest published checkpoint that verifies (see `resume`), not loaded."""
+        found = self.resume(warn, load=None)
+        return None if found is None else found[0]
+
+    def resume(self, warn: Callable[[str], None], load: Callable[[Path], T] | None) -> tuple[Path, T | None] | None:
+        """The newest published checkpoint that verifies and, with `load`, loads (its result
+        returned with it), or None for a run with no checkpoint (a collective: every rank gets
+        the same answer). Each one met on the way that fails is renamed `.corrupt` and reported
+        through `warn` (called on every rank with the same line): a checksum or parse failure,
+        no manifest, or a CheckpointError from `load` on any rank. Other errors of `load` (a
+        checkpoint that does not fit the config, a bug) stop the run with a UserError naming
+        the checkpoint, which stays in place: it is not to blame. Raises UserError when
+        checkpoints exist but none is intact: starting afresh would overwrite the run."""
         names: list[str] = self._from_main(lambda: [p.name for p in self.published()])
         rejected = []
         for i in reversed(range(len(names))):
             path = self.root / names[i]
             problem = self.verify(path)
+            loaded = None
+            if problem is None and load is not None:
+                loaded, problem = self._load_together(load, path)
             if problem is None:
-                return path
+                return path, loaded
             moved = self._from_main(lambda path=path: _rename_corrupt(path))
             fallback = f"falling back to {names[i - 1]}" if i else "no older checkpoint to fall back to"
             warn(f"bigssl: warning: checkpoint {path} is corrupt ({problem}); {moved}; {fallback}")
@@ -223,6 +239,26 @@ class Checkpointer:
             raise UserError(f"{self.root} holds only corrupt checkpoints ({', '.join(aside)}); to start afresh, "
                             "move them away or use another log.dir")
         return None
+
+    def _load_together(self, load: Callable[[Path], T], path: Path) -> tuple[T | None, str | None]:
+        """(`load(path)`, None) when it succeeded on every rank; (None, 'file: reason') on every
+        rank when it raised a CheckpointError on some rank. Any other failure (most often a
+        checkpoint of another model than the config builds) is a UserError naming the checkpoint
+        on every rank, chained to the original where it happened (BIGSSL_DEBUG=1 shows both)."""
+        value, error = None, None
+        try:
+            value = load(path)
+        except (Exception, CheckpointException) as exc:  # every rank must reach the gather below
+            error = exc
+        mine = None if error is None else (isinstance(error, CheckpointError), _one_line(error, path))
+        reports = [(r, report) for r, report in enumerate(comm.all_gather_object(mine)) if report is not None]
+        if not reports:
+            return value, None
+        rank, (corrupt, text) = reports[0]
+        where = f"rank {rank}: " if comm.world_size() > 1 else ""
+        if corrupt:
+            return None, where + text
+        raise UserError(f"could not load checkpoint {path} ({where}{text})") from error
 
     def _from_main(self, work: Callable[[], T]) -> T:
         """Rank 0's `work()` on every rank (one gather), so all ranks walk the same listing."""
@@ -258,12 +294,12 @@ def _entry(directory: Path, name: str) -> dict[str, Any]:
     return {"path": name, "size": size, "sha256": digest}
 
 
-def _read_manifest(checkpoint: Path) -> list[dict[str, Any]] | str | None:
-    """The manifest's entries; None when there is none; a 'manifest.json: reason' string when it
-    is unreadable or malformed."""
+def _read_manifest(checkpoint: Path) -> list[dict[str, Any]] | str:
+    """The manifest's entries, or a 'file: reason' string when it is missing, unreadable,
+    malformed, or does not list exactly the files that are there."""
     path = checkpoint / MANIFEST
     if not path.exists():
-        return None
+        return f"{MANIFEST}: missing, so nothing vouches for the files (bigssl loads no unverified checkpoint)"
     try:
         files = json.loads(path.read_text())["files"]
         entries = [{"path": str(e["path"]), "size": int(e["size"]), "sha256": str(e["sha256"])} for e in files]
@@ -272,12 +308,15 @@ def _read_manifest(checkpoint: Path) -> list[dict[str, Any]] | str | None:
     for entry in entries:
         if Path(entry["path"]).is_absolute() or ".." in Path(entry["path"]).parts:
             return f"{MANIFEST}: entry {entry['path']!r} points outside the checkpoint"
+    listed = {e["path"] for e in entries}
+    if unlisted := [name for name in _files(checkpoint) if name not in listed]:
+        return f"{unlisted[0]}: not in the manifest"
     return entries
 
 
 def _first_problem(checkpoint: Path, entries: list[dict[str, Any]]) -> tuple[int, str] | None:
     """(index, reason) of the first bad entry: sizes first (cheap: a truncated file is found
-    without reading anything), then hashes."""
+    without reading anything), then hashes, then whether each parses without running code."""
     for index, entry in enumerate(entries):
         path = checkpoint / entry["path"]
         if not path.is_file():
@@ -292,7 +331,23 @@ def _first_problem(checkpoint: Path, entries: list[dict[str, Any]]) -> tuple[int
             return index, f"unreadable ({exc.strerror or exc})"
         if digest != entry["sha256"]:
             return index, "sha256 mismatch"
+    for index, entry in enumerate(entries):
+        try:
+            safe_load.inspect(checkpoint, entry["path"])
+        except CheckpointError as err:
+            # 'PATH: reason' → 'reason' for this entry, else 'other/file: reason' (a DCP entry's data file)
+            text = str(err).removeprefix(f"{checkpoint / entry['path']}: ")
+            return index, text.replace(f"{checkpoint}{os.sep}", "")
     return None
+
+
+def verify_alone(checkpoint: Path) -> str | None:
+    """`Checkpointer.verify` in this process alone (no collective): for export and eval."""
+    read = _read_manifest(checkpoint)
+    if isinstance(read, str):
+        return read
+    found = _first_problem(checkpoint, read)
+    return None if found is None else f"{read[found[0]]['path']}: {found[1]}"
 
 
 def _rename_corrupt(path: Path) -> str:
@@ -360,10 +415,14 @@ def _describe(exc: BaseException, where: Path) -> str:
     else:  # no errno to go by (torch's C++ writer): the free space tells whether the disk is full
         cause = next((e for e in _causes(exc) if not isinstance(e, CheckpointException)), exc)
         text, full = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0]}", True
-    if full:
-        with contextlib.suppress(OSError):
-            text += f"; {shutil.disk_usage(where).free / 2**20:.1f} MiB free there"
-    return text
+    return text + (files.free_space(where) if full else "")
+
+
+def _one_line(exc: BaseException, checkpoint: Path) -> str:
+    """A load failure as 'file: reason' (relative to the checkpoint) or 'Type: first line'."""
+    if isinstance(exc, CheckpointError):
+        return str(exc).replace(f"{checkpoint}{os.sep}", "")
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def _not_nan(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,3 +7,8 @@ class UserError(Exception):
 
 class ConfigError(UserError):
     """A recipe or override that does not fit the schema."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is not loaded: unverified (no manifest), damaged, or holding something
+    other than tensors and plain values. The message names the checkpoint and the file."""

@@ -1,15 +1,25 @@
-"""What a run reports: metrics.jsonl, TensorBoard scalars, progress and messages, from rank 0 only."""
+"""What a run reports: metrics.jsonl, TensorBoard scalars, progress and messages, from rank 0 only.
+
+A write that fails (a full disk) ends the run with one line naming the file (a UserError) and
+leaves what was logged before intact: a metrics record that could not be written whole is cut
+off again, and TensorBoard's writer thread, whose failure its next call re-raises, prints no
+traceback of its own.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bigssl import files
 from bigssl.progress import ProgressLine
 
 
@@ -22,9 +32,25 @@ def _drop_records_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:
             continue  # a line cut short by the crash
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    files.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _quiet_tensorboard_thread(args: threading.ExceptHookArgs) -> None:
+    """TensorBoard's writer thread re-raises a write error after storing it for the writer's next
+    call, which reports it (as one line, below): its traceback would only repeat it."""
+    if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, OSError):
+        return
+    _other_excepthook(args)
+
+
+_other_excepthook = threading.excepthook
+
+
+def _install_quiet_tensorboard_thread() -> None:
+    global _other_excepthook
+    if threading.excepthook is not _quiet_tensorboard_thread:
+        _other_excepthook = threading.excepthook
+        threading.excepthook = _quiet_tensorboard_thread
 
 
 class Monitor:
@@ -38,36 +64,55 @@ class Monitor:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        path = run_dir / "metrics.jsonl"
+        path = self.metrics_path = run_dir / "metrics.jsonl"
         if start_step and path.exists():
             _drop_records_after(path, start_step)
-        self.metrics_file = path.open("a")
+        with files.failing_as(path):  # unbuffered: a record is on its way to the disk, or the error is here
+            self.metrics_file = path.open("ab", buffering=0)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step or None)
+            _install_quiet_tensorboard_thread()
+            self.tb_dir = run_dir / "tb"
+            with files.failing_as(self.tb_dir):  # the first event is written and flushed here
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=start_step or None)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         """Append one record to metrics.jsonl and write each number as a TensorBoard scalar."""
         if not self.is_main:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        self._append(json.dumps(record) + "\n")
+        scalars = [(name if "/" in name else f"train/{name}", value) for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+        self._tensorboard(lambda writer: [writer.add_scalar(name, value, step) for name, value in scalars])
+
+    def _append(self, line: str) -> None:
+        """One whole line or, when the write fails, none: the file is cut back to where it was."""
+        handle, data = self.metrics_file, line.encode()
+        end = os.fstat(handle.fileno()).st_size
+        try:
+            with files.failing_as(self.metrics_path):
+                written = 0
+                while written < len(data):  # a full disk may take part of it before it refuses
+                    written += handle.write(data[written:])
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.ftruncate(handle.fileno(), end)
+            raise
+
+    def _tensorboard(self, write: Callable[[Any], Any]) -> None:
         if self.writer is not None:
-            for name, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.writer.add_scalar(name if "/" in name else f"train/{name}", value, step)
+            with files.failing_as(self.tb_dir):
+                write(self.writer)
 
     def image(self, tag: str, image, step: int) -> None:
         """A [3, H, W] float image in [0, 1] to TensorBoard."""
-        if self.writer is not None:
-            self.writer.add_image(tag, image, step)
+        self._tensorboard(lambda writer: writer.add_image(tag, image, step))
 
     def embedding(self, tag: str, features, labels: list, step: int) -> None:
         """Vectors with their labels for TensorBoard's projector."""
-        if self.writer is not None:
-            self.writer.add_embedding(features, metadata=labels, tag=tag, global_step=step)
+        self._tensorboard(lambda writer: writer.add_embedding(features, metadata=labels, tag=tag, global_step=step))
 
     def start_progress(self, total_steps: int, start_step: int) -> None:
         """From here on each log window reports its step (timed from now, not from start-up)."""
@@ -92,10 +137,23 @@ class Monitor:
             self.bar.close()
             self.bar = None
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Flush and close everything. A write error is raised (after closing) unless `failing`:
+        an error already on its way is the one to report. TensorBoard's writer thread reports
+        its failure only to the flush, never to close: hence the flush first."""
         self.end_progress()
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
-        if self.metrics_file is not None:
-            self.metrics_file.close()
+        writer, metrics, self.writer, self.metrics_file = self.writer, self.metrics_file, None, None
+        try:
+            if writer is not None:
+                with files.failing_as(self.tb_dir):
+                    writer.flush()
+        except Exception:
+            if not failing:
+                raise
+        finally:
+            with contextlib.suppress(Exception):
+                if writer is not None:
+                    writer.close()
+            if metrics is not None:
+                with contextlib.suppress(OSError):
+                    metrics.close()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bigssl import config as config_lib
-from bigssl import health, preemption, runtime
+from bigssl import files, health, preemption, runtime
 from bigssl.checkpoint import Checkpointer
 from bigssl.config import Config
 from bigssl.data.loader import DataError
@@ -190,8 +190,8 @@ class Trainer:
                  "layout": self.data.layout(), "log_window": self.window.state(), "nonfinite": p.nonfinite}
         self.checkpoints.save(p.step, self.engine, extra)
 
-    def _resume(self, path: Path, monitor_message: list[str]) -> None:
-        extra = self.engine.load(path)
+    def _restore(self, extra: dict[str, Any], monitor_message: list[str]) -> None:
+        """The trainer's state from a loaded checkpoint's `extra`."""
         p = Progress(step=int(extra["step"]), epoch=int(extra["epoch"]), epoch_step=int(extra["epoch_step"]),
                      knn=dict(extra["knn"]), skipped=dict(extra["skipped_before_epoch"]),
                      nonfinite=int(extra.get("nonfinite", 0)))
@@ -301,23 +301,27 @@ class Trainer:
     def fit(self) -> dict[str, float]:
         config = self.config
         messages: list[str] = []  # printed through the monitor once it exists (rank 0)
-        # The newest checkpoint whose files match their checksums; corrupt ones are set aside.
-        resume_from = self.checkpoints.resumable(messages.append) if config.checkpoint.resume else None
-        if resume_from is not None:
-            self._resume(resume_from, messages)
+        # The newest checkpoint that verifies and loads; corrupt ones are set aside.
+        found = self.checkpoints.resume(messages.append, self.engine.load) if config.checkpoint.resume else None
+        resume_from = None if found is None else found[0]
+        if found is not None:
+            self._restore(found[1], messages)
             messages.append(f"bigssl: resumed from {resume_from} (step {self.progress.step})")
         elif self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(config_lib.to_yaml(config))
+            files.write_text(self.run_dir / "config.yaml", config_lib.to_yaml(config))
         p = self.progress
         monitor = Monitor(self.run_dir, self.env.is_main, p.step, tensorboard=config.log.tensorboard,
                           progress=config.log.progress)
         try:
             for message in messages:
                 monitor.message(message)
-            return self._run(monitor, fresh=resume_from is None)
-        finally:
-            monitor.close()  # also on errors, so the bar does not print after the error line
+            scores = self._run(monitor, fresh=resume_from is None)
+        except BaseException:
+            monitor.close(failing=True)  # also on errors, so the bar does not print after the error line
+            raise
+        monitor.close()
+        return scores
 
     def _run(self, monitor: Monitor, fresh: bool) -> dict[str, float]:
         config, p = self.config, self.progress

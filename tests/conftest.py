@@ -52,3 +52,32 @@ def slurm_cluster():
     subprocess.run(["bash", "-c", f'source "{SLURM_SCRIPT}" && SLURM_PIDS="{pids}" && slurm_down'], env=env,
                    capture_output=True, timeout=120)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+# Two steps of the quickstart recipe, narrowed (helpers.SMALL), a checkpoint after each.
+SMALL_RUN = ["optim.max_steps=2", "checkpoint.every_steps=1", "eval.knn_at_end=false", "eval.knn_baseline=false",
+             "eval.knn_pixels=false", "log.progress=false", "log.tensorboard=false"]
+SMALL_RUN_ENGINES = {"ddp": ["engine.kind=ddp"], "fsdp": ["engine.kind=fsdp"],
+                     "deepspeed": ["engine.kind=deepspeed", "engine.zero_stage=2"]}
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory: pytest.TempPathFactory):
+    """`small_run(engine)`: the run directory of a two-step run of that engine (ddp, fsdp or
+    deepspeed ZeRO-2; one process), trained once per session on first use, with checkpoints
+    step_00000001 and step_00000002. Copy it before changing it: other tests share it."""
+    from helpers import QUICKSTART, SMALL, run_cli
+
+    root = tmp_path_factory.mktemp("small-runs")
+    runs: dict[str, Path] = {}
+
+    def run_of(engine: str) -> Path:
+        if engine not in runs:
+            run = root / engine
+            result = run_cli("train", str(QUICKSTART), *SMALL, *SMALL_RUN, *SMALL_RUN_ENGINES[engine],
+                             f"log.dir={run}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[engine] = run
+        return runs[engine]
+
+    return run_of

@@ -1,13 +1,16 @@
-"""Shared test utilities: free ports, 2-process gloo runs, the CLI as a subprocess."""
+"""Shared test utilities: free ports, 2-process gloo runs, the CLI as a subprocess, small and
+full disks."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,3 +83,35 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, tim
     command = (launcher or [sys.executable, "-m"]) + ["bigssl", *args]
     return subprocess.run(command, cwd=cwd, env=env or worker_env(), capture_output=True, text=True,
                           timeout=timeout)
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (mount's -o size=, e.g. 400k) at `mount`: a disk that really fills up.
+    Skips the test where mounting is not allowed (it needs root)."""
+    import pytest
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:  # lazily if a failed test still holds a file open there: never leave it mounted
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write zeros to `disk/filler` until the disk is full; returns the filler (delete it to free)."""
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:
+        try:
+            while True:
+                handle.write(bytes(4096))
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+    return filler

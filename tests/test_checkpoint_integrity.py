@@ -8,12 +8,11 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_distributed
+from helpers import run_distributed, tmpfs
 from torch import nn
 
 from bigssl import checkpoint as checkpoint_lib
@@ -22,7 +21,7 @@ from bigssl.config import Config
 from bigssl.distributed import comm
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
-from bigssl.errors import UserError
+from bigssl.errors import CheckpointError, UserError
 from bigssl.methods.base import Method
 
 
@@ -136,12 +135,25 @@ def test_every_checkpoint_corrupt_is_an_error_not_a_fresh_start(tmp_path: Path):
         checkpointer.resumable(warnings.append)
 
 
-def test_old_checkpoint_without_manifest_resumes_unverified(tmp_path: Path):
+def test_a_checkpoint_without_manifest_is_set_aside_not_resumed_unverified(tmp_path: Path):
+    """Issue 18, item 3: flipped bytes in a checkpoint without manifest.json loaded silently."""
     checkpointer = two_checkpoints(tmp_path)
-    (checkpointer.root / "step_00000200" / MANIFEST).unlink()
-    damage(checkpointer.root / "step_00000200" / "state.bin", "flip")  # nothing to check it against
+    newest = checkpointer.root / "step_00000200"
+    (newest / MANIFEST).unlink()
+    damage(newest / "state.bin", "flip")  # nothing to check it against: it must not be used
     warnings: list[str] = []
-    assert checkpointer.resumable(warnings.append) == checkpointer.root / "step_00000200" and warnings == []
+    assert checkpointer.resumable(warnings.append) == checkpointer.root / "step_00000100"
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"bigssl: warning: checkpoint {newest} is corrupt ({MANIFEST}: missing")
+    assert warnings[0].endswith("renamed to step_00000200.corrupt; falling back to step_00000100")
+
+
+def test_a_file_the_manifest_does_not_list_is_corrupt(tmp_path: Path):
+    checkpointer = two_checkpoints(tmp_path)
+    (checkpointer.root / "step_00000200" / "planted.pt").write_bytes(b"")
+    warnings: list[str] = []
+    assert checkpointer.resumable(warnings.append) == checkpointer.root / "step_00000100"
+    assert "(planted.pt: not in the manifest)" in warnings[0]
 
 
 def test_unreadable_manifest_is_corrupt(tmp_path: Path):
@@ -255,22 +267,68 @@ def test_ddp_checkpoint_verifies_falls_back_and_loads(tmp_path: Path):
     assert engine.load(path) == {"step": 1}
 
 
+def reseal(directory: Path) -> None:
+    """A manifest that matches the files again, as anyone who can write the directory can make."""
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": recomputed_manifest(directory)}))
+
+
+def two_ddp_checkpoints(tmp_path: Path):
+    engine = ddp_engine(16)
+    checkpointer = Checkpointer(tmp_path / "run", keep=2, is_main=True)
+    checkpointer.save(1, engine, {"step": 1})
+    checkpointer.save(2, engine, {"step": 2})
+    return engine, checkpointer, checkpointer.root / "step_00000002"
+
+
+def test_a_truncated_state_without_manifest_falls_back_to_the_previous_checkpoint(tmp_path: Path):
+    """Issue 18, item 4: this was rc 1, `RuntimeError: PytorchStreamReader failed…`, no file
+    named and no fallback."""
+    engine, checkpointer, newest = two_ddp_checkpoints(tmp_path)
+    (newest / MANIFEST).unlink()
+    damage(newest / "state.pt", "truncate")
+    warnings: list[str] = []
+    path, extra = checkpointer.resume(warnings.append, engine.load)
+    assert path.name == "step_00000001" and extra == {"step": 1}
+    assert len(warnings) == 1 and f"{newest} is corrupt ({MANIFEST}: missing" in warnings[0]
+
+
+def test_a_file_that_does_not_parse_is_corrupt_even_when_its_manifest_matches(tmp_path: Path):
+    engine, checkpointer, newest = two_ddp_checkpoints(tmp_path)
+    damage(newest / "state.pt", "truncate")
+    reseal(newest)
+    warnings: list[str] = []
+    path, extra = checkpointer.resume(warnings.append, engine.load)
+    assert path.name == "step_00000001" and extra == {"step": 1}
+    assert "(state.pt: unreadable (not a whole torch archive: truncated" in warnings[0]
+
+
+def test_a_checkpoint_error_while_loading_falls_back_and_other_errors_are_raised(tmp_path: Path):
+    checkpointer = two_checkpoints(tmp_path)
+    newest = checkpointer.root / "step_00000200"
+
+    def refuse_newest(path: Path) -> str:
+        if path == newest:
+            raise CheckpointError(f"{path / 'state.bin'}: refused: it holds more than tensors")
+        return path.name
+
+    def bug(path: Path) -> str:
+        raise KeyError("extra")
+
+    # Not the checkpoint's fault (another model, a bug): one line naming it; nothing is set aside.
+    with pytest.raises(UserError, match=rf"^could not load checkpoint {newest} \(KeyError: 'extra'\)$") as raised:
+        checkpointer.resume(pytest.fail, bug)
+    assert isinstance(raised.value.__cause__, KeyError) and checkpointer.set_aside() == []
+    warnings: list[str] = []
+    assert checkpointer.resume(warnings.append, refuse_newest) == (checkpointer.root / "step_00000100",
+                                                                 "step_00000100")
+    assert len(warnings) == 1 and "is corrupt (state.bin: refused: it holds more than tensors)" in warnings[0]
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
     """A 400 KiB tmpfs: room for one checkpoint of a 64×1024 float32 layer (≈ 260 KiB), not two."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "small"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "400k") as mount:
         yield mount
-    finally:  # lazily if a failed test still holds a file open there: never leave it mounted
-        if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(small_disk: Path):
@@ -322,6 +380,16 @@ def _two_ranks(rank: int, world_size: int, root: str) -> None:
     warnings: list[str] = []
     result["resumed"] = str(checkpointer.resumable(warnings.append))
     result["warnings"] = warnings
+    checkpointer.save(300, FakeEngine(rank_files(rank)), {})
+
+    def load(path: Path) -> str:  # refused by rank 1 alone: both ranks must fall back together
+        if rank == 1 and path.name == "step_00000300":
+            raise CheckpointError(f"{path / 'rank1_a.bin'}: refused")
+        return path.name
+
+    load_warnings: list[str] = []
+    result["loaded"] = checkpointer.resume(load_warnings.append, load)[1]
+    result["load_warnings"] = load_warnings
     (Path(root) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
@@ -337,6 +405,9 @@ def test_two_ranks_agree_on_write_failure_and_corruption(tmp_path: Path):
         assert result["resumed"] == str(root / "step_00000100")
         assert len(result["warnings"]) == 1 and "(rank0_b.bin: sha256 mismatch)" in result["warnings"][0]
     assert results[0]["warnings"] == results[1]["warnings"]
+    assert [r["loaded"] for r in results] == ["step_00000100"] * 2
+    assert results[0]["load_warnings"] == results[1]["load_warnings"]
+    assert len(results[0]["load_warnings"]) == 1 and "(rank 1: rank1_a.bin: refused)" in results[0]["load_warnings"][0]
     # Hashing was split (rank r took files[r::2]) and gives the manifest one process writes.
     assert results[0]["hashed"] == ["rank0_a.bin", "rank1_a.bin"]
     assert results[1]["hashed"] == ["rank0_b.bin", "rank1_b.bin"]

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from bigssl.checkpoint import Checkpointer
+from bigssl import files
+from bigssl.checkpoint import Checkpointer, verify_alone
 from bigssl.config import Config
-from bigssl.errors import UserError
+from bigssl.errors import CheckpointError, UserError
 from bigssl.eval import hub
 
 if TYPE_CHECKING:
@@ -36,25 +37,31 @@ def save_backbone(backbone: nn.Module, config: Config, run_dir: Path) -> Path:
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    """One safetensors file, renamed into place when complete (a failed write names `path`)."""
     tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "bigssl"})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt",
+                                                                                   "producer": "bigssl"}))
 
 
 def checkpoint_dir(run_or_checkpoint: Path) -> Path:
-    """A run directory means its newest published checkpoint; a checkpoint directory itself."""
+    """A run directory means its newest published checkpoint; a checkpoint directory itself.
+    Either is verified (manifest, checksums, safe parsing: bigssl/checkpoint.py) before anything
+    reads it, and refused when it fails: export and eval name the problem, they do not pick
+    another checkpoint behind the user's back."""
+    older: list[Path] = []
     if (run_or_checkpoint / "checkpoints").is_dir():
-        latest = Checkpointer(run_or_checkpoint, keep=1, is_main=False).latest()
-        if latest is None:
+        *older, checkpoint = Checkpointer(run_or_checkpoint, keep=1, is_main=False).published() or [None]
+        if checkpoint is None:
             raise UserError(f"{run_or_checkpoint}: the run has no published checkpoint")
-        return latest
-    if not run_or_checkpoint.is_dir():
+    elif not run_or_checkpoint.is_dir():
         raise UserError(f"{run_or_checkpoint}: no such run or checkpoint directory")
-    return run_or_checkpoint
+    else:
+        checkpoint = run_or_checkpoint
+    problem = verify_alone(checkpoint)
+    if problem is not None:
+        hint = f"; an older checkpoint of the run may be given instead: {older[-1]}" if older else ""
+        raise CheckpointError(f"checkpoint not loaded: {checkpoint}{os.sep}{problem}{hint}")
+    return checkpoint
 
 
 def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str | None]:
@@ -63,9 +70,9 @@ def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str 
     Returns the checkpoint used, the number of tensors and, for a folder, the line that loads it."""
     from bigssl.distributed.engines.consolidate import backbone_state
 
-    checkpoint = checkpoint_dir(run_or_checkpoint)
     single_file = out.suffix == ".safetensors"
-    saved = None if single_file else _run_of(run_or_checkpoint)
+    saved = None if single_file else _run_of(run_or_checkpoint)  # which verifies the checkpoint
+    checkpoint = saved.checkpoint if saved else checkpoint_dir(run_or_checkpoint)
     try:
         state = backbone_state(checkpoint)
     except (FileNotFoundError, ValueError) as err:

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from timm.models._hub import load_model_config_from_path, save_config_for_hf
 from torch import nn
 
+from bigssl import files
 from bigssl.config import ModelConfig, ViewsConfig
 from bigssl.errors import UserError
 from bigssl.models.backbones import build_backbone, use_small_stem
@@ -102,18 +103,24 @@ def write_folder(state: dict[str, torch.Tensor], model: ModelConfig, views: View
     extra["load"] = load_line("<this folder>", {"bigssl": extra})
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a directory (a .safetensors path writes one file)")
-    folder.mkdir(parents=True, exist_ok=True)
-    weights_tmp, config_tmp = folder / (WEIGHTS + ".tmp"), folder / (CONFIG + ".tmp")
+    with files.failing_as(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+    weights_tmp, config_tmp = files.temporary(folder / WEIGHTS), files.temporary(folder / CONFIG)
     try:
         tensors = {name: t.detach().cpu().contiguous() for name, t in state.items()}
-        save_file(tensors, str(weights_tmp), metadata={"format": "pt", "producer": "bigssl"})
+        with files.failing_as(folder / WEIGHTS):
+            save_file(tensors, str(weights_tmp), metadata={"format": "pt", "producer": "bigssl"})
+            files.sync(weights_tmp)
         try:
-            save_config_for_hf(reference, str(config_tmp), model_config={"bigssl": extra},
-                               data_config=eval_data_config(views))
+            with files.failing_as(folder / CONFIG):
+                save_config_for_hf(reference, str(config_tmp), model_config={"bigssl": extra},
+                                   data_config=eval_data_config(views))
+                files.sync(config_tmp)
         except ValueError as err:  # e.g. a fixed-size ViT whose img_size is not data.views.size
             raise UserError(f"model.backbone_args / data.views: {err}") from err
-        os.replace(weights_tmp, folder / WEIGHTS)
-        os.replace(config_tmp, folder / CONFIG)
+        with files.failing_as(folder):  # both complete: only now does either replace its old version
+            os.replace(weights_tmp, folder / WEIGHTS)
+            os.replace(config_tmp, folder / CONFIG)
     finally:
         weights_tmp.unlink(missing_ok=True)
         config_tmp.unlink(missing_ok=True)

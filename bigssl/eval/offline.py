@@ -181,8 +181,10 @@ def _report(saved: SavedRun, title: str, record: dict[str, float], n_train: int,
                       tensorboard=saved.config.log.tensorboard)
     try:
         monitor.log(saved.step, record)
-    finally:
-        monitor.close()
+    except BaseException:
+        monitor.close(failing=True)
+        raise
+    monitor.close()
     kind = next(k for k in ("linear", "zeroshot", "knn") if any(name.startswith(f"eval/{k}") for name in record))
     rows = [(name.removeprefix(f"eval/{kind}_"), value) for name, value in record.items()]
     width = max(len(name) for name, _ in rows)

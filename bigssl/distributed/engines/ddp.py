@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from bigssl.distributed.engines.base import Engine
+from bigssl.distributed.engines.safe_load import load_tensors
 from bigssl.methods.base import Batch, Method
 
 STATE_FILE = "state.pt"
@@ -51,7 +52,7 @@ class DDPEngine(Engine):
             torch.save(state, handle)
 
     def load(self, directory: Path) -> dict[str, Any]:
-        state = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        state = load_tensors(directory / STATE_FILE, map_location=self.device)
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "loss_scale" in state:

@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch import nn
 
 from bigssl.distributed.engines.base import Engine, plain_layout
-from bigssl.errors import ConfigError
+from bigssl.distributed.engines.safe_load import DEEPSPEED_DIR, naming
+from bigssl.errors import CheckpointError, ConfigError
 from bigssl.methods.base import Batch, Method
 
-TAG = "zero"  # the checkpoint sub-directory DeepSpeed writes into
+TAG = DEEPSPEED_DIR  # the checkpoint sub-directory DeepSpeed writes into
 
 
 def _deepspeed():
@@ -197,15 +198,17 @@ class DeepSpeedEngine(Engine):
         finally:
             del checkpoint_engine.load  # the class's method again
         if path is None:
-            raise FileNotFoundError(f"{directory}: no DeepSpeed checkpoint under tag {TAG!r}")
+            raise CheckpointError(f"{directory / TAG}: no DeepSpeed checkpoint there")
         return client_state["extra"]
 
 
 def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    """DeepSpeed's real classes (its load_checkpoint uses them), allowed by name; a refused or
+    unreadable file is a CheckpointError naming it (safe_load.DEEPSPEED_STAND_INS: the same names)."""
     from deepspeed.runtime.fp16 import loss_scaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
     allowed = [loss_scaler.LossScaler, loss_scaler.DynamicLossScaler, ZeroStageEnum, fragment_address]
-    with torch.serialization.safe_globals(allowed):
+    with naming(Path(path)), torch.serialization.safe_globals(allowed):
         return torch.load(path, map_location=map_location, weights_only=True)

@@ -30,7 +30,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 from bigssl.distributed import comm
+from bigssl.distributed.engines import dcp_safe
 from bigssl.distributed.engines.base import Engine, plain_layout
+from bigssl.distributed.engines.safe_load import load_tensors
 from bigssl.methods.base import Batch, Method
 
 DCP_DIR = "dcp"
@@ -108,10 +110,10 @@ class FSDPEngine(Engine):
 
     def load(self, directory: Path) -> dict[str, Any]:
         state = self._state()
-        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        dcp_safe.load(state, directory / DCP_DIR)  # checked metadata, weights-only entries
         set_state_dict(self.method, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
-        saved = torch.load(directory / EXTRA_FILE, map_location="cpu", weights_only=True)
+        saved = load_tensors(directory / EXTRA_FILE)
         if self.scaler is not None and "loss_scale" in saved:
             self.scaler.load_state_dict(saved["loss_scale"])
         return saved["extra"]
