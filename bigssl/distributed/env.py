@@ -89,6 +89,9 @@ def detect() -> DistEnv:
     return DistEnv()
 
 
+_joined = False  # whether init() made the current process group (shutdown leaves only that one)
+
+
 def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0, dead_rank_timeout_s: float = 0.0) -> str:
     """Join the process group described by `env`; returns the backend in use ('' if single).
     `dead_rank_timeout_s` > 0 starts the heartbeat watchdog (see watchdog.py)."""
@@ -104,6 +107,8 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0, dead_ra
     url = f"tcp://{env.master_addr}:{env.master_port}?rank={env.rank}&world_size={env.world_size}"
     store, _, _ = next(dist.rendezvous(url, timeout=timeout))
     dist.init_process_group(backend=backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    global _joined
+    _joined = True
     if dist.get_world_size() != env.world_size:
         raise RuntimeError(f"process group has {dist.get_world_size()} ranks, expected {env.world_size}")
     # Counters, flags and positions are small CPU objects: under NCCL they go through gloo.
@@ -123,13 +128,17 @@ def lost_ranks(error: BaseException) -> str | None:
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group; `clean=False` skips the barrier (another rank may be gone)."""
+    """Leave the process group `init` joined; `clean=False` skips the barrier (another rank may
+    be gone). A group someone else made (an engine's private one-rank group, a caller's) is left
+    alone: libraries that cached it (DeepSpeed does) would otherwise hold a destroyed group."""
+    global _joined
     watchdog.stop(finished=clean)
-    if dist.is_initialized():
+    if dist.is_initialized() and _joined:
         if clean:
             dist.barrier()
         comm.set_cpu_group(None)
         dist.destroy_process_group()
+    _joined = False
 
 
 def device_for(env: DistEnv) -> torch.device:
