@@ -145,6 +145,7 @@ class Trainer:
         self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
         self.window = _Window(self.device)
+        self._logged_skips: dict[str, int] = {}  # the skip counts of the last metrics record
         # Once everything that can fail on the user's input (data, method, model, engine) has
         # been built: such a failure's one line then stands alone, with no banner before it.
         print(f"bigssl: {env_lib.describe(self.env, self.backend)}", file=sys.stderr, flush=True)
@@ -412,6 +413,10 @@ class Trainer:
             monitor.message(f"bigssl: final evaluation done ({time.perf_counter() - started:.0f} s)")
             monitor.message(self._summary(p.step, final_scores))
         skipped = self._skipped_now(epoch_skips)
+        if any(skipped.values()) and skipped != self._logged_skips:
+            # Samples read after the last log step were skipped too (an exact epoch ends when a
+            # rank runs dry, after reading its tail): the last record agrees with the summary.
+            monitor.log(p.step, {f"data/skipped_{reason}": count for reason, count in skipped.items()})
         if any(skipped.values()):
             monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
         if self.env.is_main:
@@ -482,6 +487,7 @@ class Trainer:
                   "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
         if any(skipped.values()):
             record.update({f"data/skipped_{reason}": count for reason, count in skipped.items()})
+        self._logged_skips = skipped
         monitor.log(step, record)
         for warning in self.collapse_watch.check(step, record):
             monitor.message(warning)
