@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from bigssl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RANK_LOST, EXIT_USER, ConfigError, RankLost, UserError
-
-if TYPE_CHECKING:
-    from bigssl.preemption import StopRequest
 
 
 def _debug() -> bool:
@@ -56,19 +53,7 @@ def _leave_process_group(code: int) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    # Before anything slow (the imports take seconds): from here on a scheduler's SIGTERM or
-    # USR1 is a stop request, honoured after the first step with exit 75, never a kill by signal.
-    from bigssl.preemption import StopRequest
-
-    stop_request = StopRequest()
-    stop_request.install()
-    try:
-        return _train_from(args, stop_request)
-    finally:
-        stop_request.restore()
-
-
-def _train_from(args: argparse.Namespace, stop_request: StopRequest) -> int:
+    """`args.stop_request`: installed by main() before anything else."""
     from bigssl import config as config_lib
     from bigssl.distributed.launch import detect
 
@@ -86,7 +71,7 @@ def _train_from(args: argparse.Namespace, stop_request: StopRequest) -> int:
 
     code = 0
     try:
-        train(config, stop_request)
+        train(config, args.stop_request)
     except Stopped as stop:  # checkpoint written (and the SLURM job requeued): resumable
         code = stop.exit_code
     _leave_process_group(code)
@@ -220,12 +205,20 @@ def _reported_here(err: UserError) -> bool:
         return True
 
 
+# A rank that keeps a config error to itself waits this long before it exits: a launcher stops the
+# other ranks as soon as one exits (srun --kill-on-bad-exit, torchrun), and rank 0, a little later
+# to start, could be killed before its line is out.
+SILENT_RANK_GRACE_S = 2.0
+
+
 def _fail(line: str, code: int, shown: bool = True) -> int:
     from bigssl.distributed.launch import record_failure
 
     if shown:
         print(line, file=sys.stderr, flush=True)
     record_failure(line)
+    if not shown:
+        time.sleep(SILENT_RANK_GRACE_S)
     _leave_process_group(code)
     return code
 
@@ -238,6 +231,24 @@ def _first_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _start_distributed_part(False)
+    if args.command != "train":
+        return _run(args)
+    # Before anything slow (the imports take seconds): from here on a scheduler's SIGTERM or USR1
+    # is a stop request, honoured after the first step with exit 75, never a kill by signal. It
+    # stays while a failure is reported too: the SIGTERM a launcher sends every rank once one has
+    # failed must not cut a rank's line off, nor replace its exit code with 143.
+    from bigssl.preemption import StopRequest
+
+    args.stop_request = StopRequest()
+    args.stop_request.install()
+    try:
+        return _run(args)
+    finally:
+        args.stop_request.restore()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, and every way it can fail mapped to one line and its exit code."""
     try:
         return args.run(args)
     except UserError as err:

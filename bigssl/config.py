@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -320,7 +321,7 @@ def _parse_override(item: str) -> dict[str, Any]:
     return parsed  # type: ignore[return-value]
 
 
-def _leaves(tree: dict[str, Any], prefix: str = ""):
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     """(dotted key, value) of every non-mapping value in `tree`."""
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
@@ -334,7 +335,8 @@ def _parse_overrides(overrides: list[str]) -> tuple[list[dict[str, Any]], list[s
     """Each override as the nested dict it sets, in order, and a note for every key set more than
     once (the last one wins, as on any command line). One override that sets a key inside
     another's value (`a.b=1 a.b.c=2`) is refused: one of them would be dropped silently."""
-    parsed, given = [], {}
+    parsed: list[dict[str, Any]] = []
+    given: dict[str, list[str]] = {}
     for item in overrides:
         tree = _parse_override(item)
         _check_sections(tree, Config(), "")

@@ -13,6 +13,7 @@ left unchecked by accident. A list-valued key's range applies to each of its ele
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -173,7 +174,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _numbers(value: Any, key: str):
+def _numbers(value: Any, key: str) -> Iterator[tuple[str, int | float, Any]]:
     """(key, number, the whole value) for each number in `value`: dataclass fields by dotted key,
     list elements and free-form dict entries under the key that holds them."""
     if is_dataclass(value):

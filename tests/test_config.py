@@ -1,4 +1,5 @@
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -127,7 +128,7 @@ def test_numeric_values_out_of_range_are_refused_naming_the_key(override: str, m
     assert str(caught.value).startswith(message)
 
 
-def _numeric_fields(schema, prefix: str):
+def _numeric_fields(schema: type, prefix: str) -> Iterator[str]:
     """Dotted keys of the int/float (or list of them) fields of a schema and its sections."""
     from dataclasses import fields, is_dataclass
 

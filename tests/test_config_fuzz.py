@@ -13,13 +13,14 @@ import json
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from helpers import QUICKSTART, REPO
 
 from bigssl import config as config_lib
-from bigssl.config_ranges import bound_of
+from bigssl.config_ranges import Bound, bound_of
 from bigssl.methods.configs import CONFIGS
 
 RUNNER = r"""
@@ -56,7 +57,7 @@ class Case:
     recipe: str = str(QUICKSTART)
 
 
-def typed_fields(schema: object, prefix: str = ""):
+def typed_fields(schema: object, prefix: str = "") -> Iterator[tuple[str, str]]:
     """(dotted key, type text) of every leaf field of a schema instance."""
     for item in fields(schema):
         value = getattr(schema, item.name)
@@ -91,7 +92,7 @@ def wrong_types() -> list[Case]:
     return cases
 
 
-def outside(bound, integer: bool) -> list[float]:
+def outside(bound: Bound, integer: bool) -> list[float]:
     """Values just outside `bound` on each side it has."""
     values = []
     if bound.low is not None:
