@@ -1,6 +1,8 @@
 """Command line: `bigssl train | shards | eval | export`. Thin: parse, then call the library.
 
-User errors print one line and exit with code 2; set BIGSSL_DEBUG=1 to see tracebacks.
+Every failure ends with one line on stderr and an exit code from bigssl/errors.py (README, "Exit
+codes"): 2 for the user's input, 3 for a lost rank, 75 for a stop signal after its checkpoint, 1
+for anything unexpected. BIGSSL_DEBUG=1 shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -8,34 +10,71 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
-from bigssl.errors import UserError
+from bigssl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RANK_LOST, EXIT_USER, ConfigError, RankLost, UserError
+
+
+def _debug() -> bool:
+    return os.environ.get("BIGSSL_DEBUG") == "1"
+
+
+def _quiet_native_logs() -> None:
+    """torch's C++ layer logs a ~25-line stack dump, as a warning, when a rendezvous-store
+    connection drops (rank 0, which hosts the store, is gone); the line that says so is
+    bigssl's (distributed/watchdog.py). The level is read once, as torch loads: set it before.
+    Distributed runs only, and neither under BIGSSL_DEBUG=1 nor over the user's own setting."""
+    from bigssl.distributed.launch import detect
+
+    if detect().distributed and not _debug():
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
+
+# Set once a command gets past its config to torch and the process group; main() clears it.
+_distributed_part_started = False
+
+
+def _start_distributed_part(started: bool = True) -> None:
+    global _distributed_part_started
+    _distributed_part_started = started
+
+
+def _leave_process_group(code: int) -> None:
+    """torch 2.14 + gloo can abort in its exit handlers after all work is done ("terminate called
+    without an active exception", about 1 run in 5), which would replace `code`: once a
+    distributed run got that far, flush and leave without them."""
+    from bigssl.distributed.launch import detect
+
+    if _distributed_part_started and detect().distributed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def _train(args: argparse.Namespace) -> int:
+    """`args.stop_request`: installed by main() before anything else."""
     from bigssl import config as config_lib
+    from bigssl.distributed.launch import detect
 
     config = config_lib.load(args.recipe, args.overrides)
+    config_lib.per_rank_batch(config, detect().world_size)  # a config error: before torch, like the rest
     if args.print_config:
+        for note in config_lib.override_notes(args.overrides):
+            print(f"# {note}")
         print(config_lib.to_yaml(config), end="")
         return 0
-    from bigssl.distributed.env import detect
+    _quiet_native_logs()
+    _start_distributed_part()
     from bigssl.preemption import Stopped
     from bigssl.train import train
 
     code = 0
     try:
-        train(config)
+        train(config, args.stop_request)
     except Stopped as stop:  # checkpoint written (and the SLURM job requeued): resumable
         code = stop.exit_code
-    if detect().distributed:
-        # torch 2.14 + gloo can abort in its exit handlers after all work is done ("terminate
-        # called without an active exception", about 1 run in 5); the run is complete and
-        # flushed, so leave without them.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    _leave_process_group(code)
     return code
 
 
@@ -51,7 +90,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from bigssl.distributed.env import detect
+    _quiet_native_logs()
+    _start_distributed_part()
     from bigssl.eval.offline import EvalOptions, evaluate
 
     if args.kind == "zeroshot":
@@ -64,10 +104,7 @@ def _eval(args: argparse.Namespace) -> int:
                                  {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                                   "standardize": not args.no_standardize}))
     evaluate(args.kind, Path(args.source), options)
-    if detect().distributed:  # as after training: skip gloo's exit handlers, which can abort
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    _leave_process_group(0)
     return 0
 
 
@@ -77,9 +114,10 @@ def _shards(args: argparse.Namespace) -> int:
     options = Options(maxcount=args.maxcount, maxsize=args.maxsize, resize=args.resize, quality=args.quality,
                       shuffle_seed=None if args.no_shuffle else args.seed)
     index = build(Path(args.src), Path(args.out), options, workers=args.workers, progress_bar=not args.quiet)
-    skipped = index.get("skipped_inputs", 0)
+    skipped, converted = index.get("skipped_inputs", 0), index.get("converted_inputs", 0)
     print(f"{args.out}: {index['samples']} samples in {len(index['shards'])} shards"
-          + (f", {skipped} unreadable inputs skipped" if skipped else ""))
+          + (f", {skipped} unreadable inputs skipped" if skipped else "")
+          + (f", {converted} inputs converted to PNG" if converted else ""))
     return 0
 
 
@@ -154,25 +192,80 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _reported_here(err: UserError) -> bool:
+    """A config error is the same on every rank (same recipe, same overrides): rank 0 alone
+    prints it, instead of one copy per rank. One that depends on this node's files is not."""
+    from bigssl.distributed.launch import detect
+
+    if not isinstance(err, ConfigError) or err.per_node:
+        return True
+    try:
+        return detect().rank == 0
+    except UserError:  # the launcher's variables are themselves broken: say everything
+        return True
+
+
+# A rank that keeps a config error to itself waits this long before it exits: a launcher stops the
+# other ranks as soon as one exits (srun --kill-on-bad-exit, torchrun), and rank 0, a little later
+# to start, could be killed before its line is out.
+SILENT_RANK_GRACE_S = 2.0
+
+
+def _fail(line: str, code: int, shown: bool = True) -> int:
+    from bigssl.distributed.launch import record_failure
+
+    if shown:
+        print(line, file=sys.stderr, flush=True)
+    record_failure(line)
+    if not shown:
+        time.sleep(SILENT_RANK_GRACE_S)
+    _leave_process_group(code)
+    return code
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    debug = os.environ.get("BIGSSL_DEBUG") == "1"
+    _start_distributed_part(False)
+    if args.command != "train":
+        return _run(args)
+    # Before anything slow (the imports take seconds): from here on a scheduler's SIGTERM or USR1
+    # is a stop request, honoured after the first step with exit 75, never a kill by signal. It
+    # stays while a failure is reported too: the SIGTERM a launcher sends every rank once one has
+    # failed must not cut a rank's line off, nor replace its exit code with 143.
+    from bigssl.preemption import StopRequest
+
+    args.stop_request = StopRequest()
+    args.stop_request.install()
+    try:
+        return _run(args)
+    finally:
+        args.stop_request.restore()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, and every way it can fail mapped to one line and its exit code."""
     try:
         return args.run(args)
     except UserError as err:
-        if debug:
+        if _debug():
             raise
-        print(f"bigssl: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(f"bigssl: error: {err}", EXIT_USER, shown=_reported_here(err))
+    except RankLost as err:  # the same code as the watchdog's exit (distributed/watchdog.py)
+        if _debug():
+            raise
+        return _fail(f"bigssl: error: {_first_line(err)}", EXIT_RANK_LOST)
     except KeyboardInterrupt:
-        print("bigssl: interrupted", file=sys.stderr)
-        return 130
+        return _fail("bigssl: interrupted", EXIT_INTERRUPTED)
     except Exception as err:  # one line for users; the traceback is one variable away
-        if debug:
+        if _debug():
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        print(f"bigssl: {type(err).__name__}: {message} (BIGSSL_DEBUG=1 shows the traceback)", file=sys.stderr)
-        return 1
+        return _fail(f"bigssl: {type(err).__name__}: {_first_line(err)} (BIGSSL_DEBUG=1 shows the traceback)",
+                     EXIT_INTERNAL)
 
 
 if __name__ == "__main__":

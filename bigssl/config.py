@@ -8,8 +8,12 @@ declares its own dataclass), so a SimCLR recipe cannot carry a stray DINO key un
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
-from dataclasses import dataclass, field
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from bigssl.config_ranges import check_values
 from bigssl.errors import ConfigError
 
 
@@ -211,8 +216,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.zero_stage": (1, 2, 3),
     "engine.precision": ("fp32", "bf16", "fp16"),
     "engine.backend": ("auto", "gloo", "nccl"),
+    "optim.lr_schedule": ("cosine", "step"),
 }
-POSITIVE: tuple[str, ...] = ("optim.batch_size", "optim.epochs", "log.every_steps", "data.interleave")
+# Choices of built-in methods' own fields (a plug-in method checks its own).
+METHOD_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "instdisc": {"loss": ("nce", "softmax")},
+    "cmc": {"loss": ("nce", "softmax"), "objective": ("bank", "batch")},
+}
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -221,13 +231,77 @@ def _one_line(err: OmegaConfBaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ------------------------------------------------------------------------------ recipe files
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (YAML keeps the
+    last one silently, so a recipe edited in two places would train the other value)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` overrides are YAML's own way of repeating keys
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float)):
+                continue  # unhashable or odd keys: SafeLoader's own error, or the schema's
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {first[key].start_mark.line + 1})",
+                    key_node.start_mark)
+            first[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
+# Dates stay text: `name: 2024-05-01` is a run name, and OmegaConf holds no datetime.
+_RecipeLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _yaml_error(path: Path, text: str, err: yaml.YAMLError) -> ConfigError:
+    """One line that keeps where the parser stopped: `recipe.yaml:3:7: not valid YAML: ...`."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if mark is not None:
+        return ConfigError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}")
+    position = getattr(err, "position", None)  # a ReaderError (a character YAML does not allow) has no mark
+    if position is None:
+        return ConfigError(f"{path}: not valid YAML: {problem}")
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    return ConfigError(f"{path}:{line}:{column}: not valid YAML: {problem}")
+
+
+def _recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a directory; give a recipe YAML file", per_node=True)
     if not path.is_file():
-        raise ConfigError(f"recipe file not found: {path}")
+        raise ConfigError(f"recipe file not found: {path}", per_node=True)
     try:
-        content = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"recipe {path}: cannot be read ({err.strerror or err})", per_node=True) from err
+    try:
+        return data.decode("utf-8-sig")  # a byte-order mark some editors write is fine
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}); "
+                          "save the recipe as UTF-8") from err
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    text = _recipe_text(path)
+    try:
+        content = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: no tags that build objects
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from err
+        raise _yaml_error(path, text, err) from err
+    except RecursionError as err:  # nesting deep enough to exhaust Python's stack
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from err
     if content is None:
         return {}
     if not isinstance(content, dict):
@@ -235,16 +309,99 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return content
 
 
-def _parse_overrides(overrides: list[str]) -> DictConfig:
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override {item!r} is not of the form section.key=value")
-    # 'data.val=' means the empty string (OmegaConf would read None, which no field accepts).
-    overrides = [item + "''" if item.endswith("=") else item for item in overrides]
+# -------------------------------------------------------------------------------- overrides
+_KEY = re.compile(r"[A-Za-z_][\w-]*(\.[\w-]+)*")
+
+
+def _parse_override(item: str) -> dict[str, Any]:
+    """`section.key=value` → the nested dict it sets; the value is read as OmegaConf reads it."""
+    key, equals, value = item.partition("=")
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        item.encode("utf-8")
+    except UnicodeEncodeError as err:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        name = key if equals and _KEY.fullmatch(key) else ascii(item)
+        raise ConfigError(f"override {name}: not valid UTF-8 text ({ascii(item[err.start:err.end])})") from err
+    if not equals or not key:
+        raise ConfigError(f"override {_shown(item)} is not of the form section.key=value")
+    if not _KEY.fullmatch(key):
+        raise ConfigError(f"override {_shown(item)}: {_shown(key)} is not a dotted key such as optim.batch_size")
+    # 'data.val=' means the empty string (OmegaConf would read None, which no field accepts).
+    text = item + "''" if not value else item
+    try:
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([text]))
     except OmegaConfBaseException as err:
-        raise ConfigError(f"override: {_one_line(err)}") from err
+        message = _one_line(err)
+        raise ConfigError(message if message.startswith(key) else f"override {key}: {message}") from err
+    return parsed  # type: ignore[return-value]
+
+
+def _leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every non-mapping value in `tree`."""
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each override as the nested dict it sets, in order, and a note for every key set more than
+    once (the last one wins, as on any command line). One override that sets a key inside
+    another's value (`a.b=1 a.b.c=2`) is refused: one of them would be dropped silently."""
+    parsed: list[dict[str, Any]] = []
+    given: dict[str, list[str]] = {}
+    for item in overrides:
+        tree = _parse_override(item)
+        _check_sections(tree, Config(), "")
+        for key, value in _leaves(tree):
+            for earlier in given:
+                if key.startswith(earlier + ".") or earlier.startswith(key + "."):
+                    raise ConfigError(f"override {key}: conflicts with the override of {earlier} "
+                                      "(one sets a value, the other a key inside it)")
+            given.setdefault(key, []).append(_shown(value))
+        parsed.append(tree)
+    notes = [f"{key} is overridden {len(values)} times ({', '.join(values)}): the last one is used"
+             for key, values in given.items() if len(values) > 1]
+    return parsed, notes
+
+
+def override_notes(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """What `--print-config` says about the overrides: each key given more than once."""
+    return _parse_overrides(list(overrides))[1]
+
+
+def _check_sections(raw: dict[Any, Any], schema: Any, prefix: str) -> None:
+    """A section (optim, data.views, ...) must be given as a mapping, and a list or dict field as
+    a list or mapping: OmegaConf's merge of `optim=3` or `optim.betas={a: 1}` fails with a message
+    that names no key (or a TypeError), and a later `optim.max_steps=2` would replace the 3
+    silently. An empty section (`optim:` with nothing under it) is read as {}."""
+    kinds = {item.name: str(item.type) for item in fields(schema)}
+    for key in list(raw):
+        if not isinstance(key, str):
+            raise ConfigError(f"{prefix}{_shown(key)}: a key must be a name, got {type(key).__name__}")
+        value, section = raw[key], getattr(schema, key, None) if key in kinds else None
+        if is_dataclass(section):
+            if value is None:
+                raw[key] = {}
+            elif not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: is a section; set its keys ({prefix}{key}.KEY=VALUE), "
+                                  f"got {_shown(value)}")
+            else:
+                _check_sections(value, section, f"{prefix}{key}.")
+        elif key in kinds and kinds[key].startswith("list") and isinstance(value, dict):
+            raise ConfigError(f"{prefix}{key}: expected a list such as [1, 2], got {_shown(value)}")
+        elif key in kinds and kinds[key].startswith("dict") and isinstance(value, list):
+            raise ConfigError(f"{prefix}{key}: expected a mapping such as {{name: value}}, got {_shown(value)}")
+
+
+def _merged(base: dict[Any, Any], update: dict[Any, Any]) -> dict[Any, Any]:
+    """`update` over `base`: mappings merge key by key, anything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        both = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both else value
+    return out
 
 
 def _method_schema(name: str) -> MethodConfig:
@@ -253,22 +410,42 @@ def _method_schema(name: str) -> MethodConfig:
     return method_config_class(name)()
 
 
+@functools.cache
+def _base_schema() -> DictConfig:
+    """The typed schema of every section, built once (30 ms; a copy takes 5): each load copies it."""
+    return OmegaConf.structured(Config)
+
+
+def _raw(recipe: str | Path | None, overrides: list[str]) -> dict[str, Any]:
+    raw = _read_yaml(Path(recipe)) if recipe else {}
+    _check_sections(raw, Config(), "")
+    for tree in _parse_overrides(overrides)[0]:
+        raw = _merged(raw, tree)
+    return raw
+
+
 def load(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Recipe YAML ⊕ `section.key=value` overrides → a validated, resolved `Config`."""
-    raw = OmegaConf.create(_read_yaml(Path(recipe)) if recipe else {})
-    raw = OmegaConf.merge(raw, _parse_overrides(list(overrides)))
-    method_name = OmegaConf.select(raw, "method.name", default=MethodConfig.name)
-    schema = OmegaConf.structured(Config)
+    raw = _raw(recipe, list(overrides))
+    method = raw.get("method", {})
+    method_name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
+    method_schema = _method_schema(str(method_name))
+    if isinstance(method, dict):
+        _check_sections(method, method_schema, "method.")  # the method's own list fields
+    schema = copy.deepcopy(_base_schema())
     try:
-        schema.method = _method_schema(str(method_name))
+        schema.method = method_schema
         if recipe and "name" not in raw:
             schema.name = Path(recipe).stem
-        merged = OmegaConf.merge(schema, raw)
+        merged = OmegaConf.merge(schema, OmegaConf.create(raw))
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as err:
         raise ConfigError(_one_line(err)) from err
+    except TypeError as err:  # OmegaConf's merge of mismatched containers, should a shape slip through
+        raise ConfigError(f"a value does not fit its key's type: {err}") from err
     validate(config)
     resolve(config)
+    check_resolved(config)
     return config
 
 
@@ -279,30 +456,79 @@ def get(config: Config, dotted: str) -> Any:
     return value
 
 
+def _builtin_method(name: str) -> bool:
+    from bigssl.methods.configs import CONFIGS  # torch-free; it imports this module
+
+    return name in CONFIGS
+
+
 def validate(config: Config) -> None:
-    for key, allowed in CHOICES.items():
+    # First: the checks below compare numbers, which NaN defeats. The method fields' ranges are
+    # those of the built-in methods; a plug-in's fields may mean something else.
+    check_values(config, method_ranges=_builtin_method(config.method.name))
+    choices = {**CHOICES, **{f"method.{name}": allowed
+                             for name, allowed in METHOD_CHOICES.get(config.method.name, {}).items()}}
+    for key, allowed in choices.items():
         value = get(config, key)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
-    for key in POSITIVE:
-        if get(config, key) <= 0:
-            raise ConfigError(f"{key}: must be positive, got {get(config, key)}")
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
     pairs = ("data.views.crop_scale", "data.views.crop_ratio", "data.views.local_crop_scale",
-             "data.views.blur_sigma", "optim.betas")
+             "data.views.blur_sigma")
     for key in pairs:
         pair = get(config, key)
         if pair is not None and (len(pair) != 2 or pair[0] > pair[1]):
             raise ConfigError(f"{key}: expected [low, high] with low <= high, got {list(pair)}")
+    if len(config.optim.betas) != 2:  # Adam's two decay rates, in no particular order
+        raise ConfigError(f"optim.betas: expected [beta1, beta2], got {config.optim.betas}")
+    _check_step_schedule(config.optim)
     scale = config.engine.loss_scale_init
     if scale < 1 or math.log2(scale) != int(math.log2(scale)):
         raise ConfigError(f"engine.loss_scale_init: {scale} is not a power of two >= 1 (scaling by one is exact)")
     if not config.data.train:
         raise ConfigError("data.train: no training shards given")
-    if config.data.workers < 0 or config.data.shuffle_buffer < 0 or config.data.micro_batch < 0:
-        raise ConfigError("data.workers, data.shuffle_buffer and data.micro_batch must not be negative")
     if config.data.mode == "exact" and config.data.weights and len(set(config.data.weights)) > 1:
         raise ConfigError(
             "data.weights: mixing weights apply to data.mode=resampled; exact epochs read every sample once")
+
+
+def _check_step_schedule(optim: OptimConfig) -> None:
+    """What optim.lr_schedule=step needs (bigssl/optim.py checks it again, after torch loads)."""
+    if optim.lr_schedule != "step":
+        return
+    milestones = list(optim.lr_milestones)
+    if not milestones or milestones != sorted(milestones):
+        raise ConfigError(f"optim.lr_milestones: {milestones} must be increasing epochs for lr_schedule: step")
+    if optim.lr_factors and len(optim.lr_factors) != len(milestones):
+        raise ConfigError(f"optim.lr_factors: {len(optim.lr_factors)} factors for {len(milestones)} "
+                          "optim.lr_milestones")
+
+
+def check_resolved(config: Config) -> None:
+    """What only the resolved values tell: the policy's filled-in views, the derived lr, and a
+    log.dir that cannot become a directory."""
+    check_values(config.data.views, "data.views", method_ranges=False)
+    views = config.data.views
+    if views.jitter[3] > 0.5:
+        raise ConfigError(f"data.views.jitter: the hue (4th value) must be in [0, 0.5], got {views.jitter[3]}")
+    if views.patch_jitter >= views.patch:
+        raise ConfigError(f"data.views.patch_jitter: must be smaller than data.views.patch ({views.patch}), "
+                          f"got {views.patch_jitter}")
+    if not math.isfinite(config.optim.lr):
+        raise ConfigError(f"optim.base_lr: scaled by the batch ({config.optim.lr_scaling}) it gives lr "
+                          f"{config.optim.lr}; lower it")
+    _check_log_dir(Path(config.log.dir))
+
+
+def _check_log_dir(path: Path) -> None:
+    """log.dir must be a directory or creatable as one (a file there fails only when the run
+    writes, with an OSError that names no key)."""
+    for where in (path, *path.parents):
+        if not where.exists():
+            continue
+        if not where.is_dir():
+            what = "is a file" if where == path else f"cannot be created: {where} is a file"
+            raise ConfigError(f"log.dir: {path} {what}; a run directory is needed", per_node=True)
+        return
 
 
 def _resolve_views(views: ViewsConfig) -> None:

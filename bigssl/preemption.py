@@ -19,9 +19,11 @@ import subprocess
 import threading
 from types import FrameType
 
+from bigssl.errors import EXIT_STOPPED
+
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 REQUEUE_SIGNAL = "SIGUSR1"  # the time-limit warning: the only one after which the job requeues itself
-EXIT_CODE = 75
+EXIT_CODE = EXIT_STOPPED
 
 
 class Stopped(Exception):  # noqa: N818 - not an error: the run stopped on request, resumable

@@ -117,7 +117,6 @@ class Trainer:
         self.backend = env_lib.init(self.env, config.engine.backend, config.engine.timeout_s,
                                     config.engine.dead_rank_timeout_s)
         self.device = env_lib.device_for(self.env)
-        print(f"bigssl: {env_lib.describe(self.env, self.backend)}", file=sys.stderr, flush=True)
         self.run_dir = Path(config.log.dir)
         self.local_batch = config_lib.per_rank_batch(config, self.env.world_size)
 
@@ -146,6 +145,10 @@ class Trainer:
         self._fixed: torch.Tensor | None = None  # the attention-map images, read at the first evaluation
         self.generator = torch.Generator(device=self.device)
         self.window = _Window(self.device)
+        self._logged_skips: dict[str, int] = {}  # the skip counts of the last metrics record
+        # Once everything that can fail on the user's input (data, method, model, engine) has
+        # been built: such a failure's one line then stands alone, with no banner before it.
+        print(f"bigssl: {env_lib.describe(self.env, self.backend)}", file=sys.stderr, flush=True)
 
     # ----------------------------------------------------------------------------- helpers
     def _to_device(self, batch: dict[str, Any], step: int) -> dict[str, Any]:
@@ -420,6 +423,10 @@ class Trainer:
             monitor.message(f"bigssl: final evaluation done ({time.perf_counter() - started:.0f} s)")
             monitor.message(self._summary(p.step, final_scores))
         skipped = self._skipped_now(epoch_skips)
+        if any(skipped.values()) and skipped != self._logged_skips:
+            # Samples read after the last log step were skipped too (an exact epoch ends when a
+            # rank runs dry, after reading its tail): the last record agrees with the summary.
+            monitor.log(p.step, {f"data/skipped_{reason}": count for reason, count in skipped.items()})
         if any(skipped.values()):
             monitor.message("bigssl: skipped data: " + ", ".join(f"{n} {r}" for r, n in skipped.items() if n))
         if self.env.is_main:
@@ -452,8 +459,15 @@ class Trainer:
         if in_a_row >= limit:
             raise TrainingDiverged(
                 f"optim.nonfinite_limit: the loss was not finite for {in_a_row} steps in a row (steps "
-                f"{step - in_a_row + 1}-{step}); stopped. The last checkpoint, {self.checkpoints.latest()}, is "
-                "kept; lower optim.base_lr, set optim.clip_grad, or train in fp32 before resuming")
+                f"{step - in_a_row + 1}-{step}); stopped. {self._kept_checkpoint()}; lower optim.base_lr, set "
+                "optim.clip_grad, or train in fp32 before resuming")
+
+    def _kept_checkpoint(self) -> str:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            return "No checkpoint was written yet (a rerun starts from step 0)"
+        return f"The last checkpoint, {latest}, is kept"
+
 
     def _stop(self, monitor: Monitor, loader_skipped: dict[str, int], saved: bool) -> None:
         """A stop signal reached some rank: checkpoint here, requeue under SLURM, raise Stopped."""
@@ -483,6 +497,7 @@ class Trainer:
                   "data_wait_fraction": window.data_wait / elapsed, "world_size": self.env.world_size}
         if any(skipped.values()):
             record.update({f"data/skipped_{reason}": count for reason, count in skipped.items()})
+        self._logged_skips = skipped
         monitor.log(step, record)
         for warning in self.collapse_watch.check(step, record):
             monitor.message(warning)
@@ -538,9 +553,13 @@ def _table(title: str, baselines: dict[str, float], name: str, value: float) -> 
     return lines
 
 
-def train(config: Config) -> dict[str, float]:
-    stop_request = preemption.StopRequest()
-    stop_request.install()
+def train(config: Config, stop_request: preemption.StopRequest | None = None) -> dict[str, float]:
+    """Run `config` to its end. `stop_request`: one the caller installed already (the CLI does,
+    before its imports); by default one is installed for the run."""
+    own = stop_request is None
+    stop_request = stop_request or preemption.StopRequest()
+    if own:
+        stop_request.install()
     try:
         scores = Trainer(config, stop_request).fit()
     except preemption.Stopped:
@@ -553,6 +572,7 @@ def train(config: Config) -> dict[str, float]:
             raise env_lib.RankLost(lost) from err
         raise
     finally:
-        stop_request.restore()
+        if own:
+            stop_request.restore()
     env_lib.shutdown()
     return scores

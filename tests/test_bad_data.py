@@ -16,8 +16,10 @@ from helpers import QUICKSTART, run_cli
 from bigssl import config as config_lib
 from bigssl.data.loader import BatchLoader, DataError, DataStall
 from bigssl.data.pipeline import EvalSample
-from bigssl.data.shards import resolve
+from bigssl.data.shards import Shard, ShardSet, resolve
 from bigssl.data.stream import ShardStream, StreamSpec
+from bigssl.errors import UserError
+from bigssl.train import train
 
 GOOD_PER_SHARD = 10
 VIEWS = config_lib.load(None, ["data.views.size=16"]).data.views
@@ -129,3 +131,79 @@ def test_a_resampled_stream_of_unreadable_shards_fails_instead_of_spinning(tmp_p
                          StreamSpec(mode="resampled"))
     with pytest.raises(DataError, match=r"data: 8 shards in a row gave no sample \({'shard_error': 8}\)"):
         next(iter(BatchLoader(stream, batch_size=4, workers=workers, timeout_s=60)))
+
+
+# ------------------------------------------------------------------------------------- #18
+def pipes(command: str, count: int = 40) -> ShardSet:
+    """`count` shards read through the same `pipe:` command (no index: nothing counts them ahead)."""
+    return ShardSet(tuple(Shard(f"pipe:{command}", 0, None, None) for _ in range(count)), (1.0,))
+
+
+@pytest.mark.parametrize("command", ["false", "cat /missing/shard.tar 2>/dev/null", "sleep 0.05; exit 1"])
+def test_every_failed_pipe_command_is_a_shard_error(command: str, capfd: pytest.CaptureFixture):
+    """webdataset only polls the command while reading, and raises at close, which was swallowed:
+    8, 4 and 9 of these 40 were counted."""
+    loader = BatchLoader(ShardStream(pipes(command), EvalSample(VIEWS), StreamSpec(mode="exact")), batch_size=4,
+                         workers=0, keep_tail=True)
+    assert list(loader) == []
+    assert loader.skipped() == {"shard_error": 40}
+    err = capfd.readouterr().err
+    assert f"bigssl: shard pipe:{command}: the command exited with status 1 after 0 samples\n" in err
+
+
+def test_a_pipe_that_fails_after_its_samples_is_counted_once(damaged: Path, capfd: pytest.CaptureFixture):
+    good_shard = damaged / "shard-000002.tar"
+    shards = ShardSet(pipes(f"cat {good_shard}; exit 3", 2).shards + pipes(f"cat {good_shard}", 1).shards, (1.0,))
+    loader = BatchLoader(ShardStream(shards, EvalSample(VIEWS), StreamSpec(mode="exact")), batch_size=4, workers=0,
+                         keep_tail=True)
+    # webdataset stops reading a command's output once it sees the failed exit, so how many of
+    # its samples arrive first varies; the good command's all do.
+    assert GOOD_PER_SHARD <= sum(len(batch["id"]) for batch in loader) <= 3 * GOOD_PER_SHARD
+    assert loader.skipped() == {"shard_error": 2}
+    assert capfd.readouterr().err.count(f"shard pipe:cat {good_shard}; exit 3: the command exited with status 3") == 2
+
+
+def test_an_empty_shard_file_without_an_index_is_a_shard_error(damaged: Path, tmp_path: Path,
+                                                              capfd: pytest.CaptureFixture):
+    (tmp_path / "empty.tar").write_bytes(b"")  # a copy that failed: counted nowhere before
+    shards = resolve(f"{tmp_path}/empty.tar::{damaged}/shard-000002.tar")
+    assert shards.shards[0].samples is None
+    loader = BatchLoader(ShardStream(shards, EvalSample(VIEWS), StreamSpec(mode="exact")), batch_size=4, workers=0,
+                         keep_tail=True)
+    assert sum(len(batch["id"]) for batch in loader) == GOOD_PER_SHARD
+    assert loader.skipped() == {"shard_error": 1}
+    assert f"unreadable shard {tmp_path}/empty.tar: empty (0 bytes)" in capfd.readouterr().err
+
+
+def test_a_directory_given_as_shards_is_called_one(damaged: Path, tmp_path: Path):
+    with pytest.raises(UserError, match=rf"^data.train: {damaged} is a directory, not a shard; pass its shards as a "
+                                        rf"brace pattern: {damaged}/shard-\{{000000..000002\}}.tar$"):
+        resolve(str(damaged))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"is a directory, not a shard; it holds no .tar shards"):
+        resolve(str(tmp_path / "empty"), "data.val")
+
+
+def test_the_last_metrics_record_agrees_with_the_end_of_run_summary(tmp_path: Path, capfd: pytest.CaptureFixture):
+    """One shard, read in order: 16 good samples, then 8 undecodable ones. Batch 8 plans 3 steps
+    of its 24 samples; 2 run, and the bad tail arrives as the epoch runs dry, after the last log
+    step: metrics.jsonl ended with no skips while the summary said 8."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_tar(root / "shard-000000.tar", [good(k) for k in range(16)]
+              + [{"__key__": f"{k:09d}", "jpg": b"not an image", "cls": b"0"} for k in range(16, 24)])
+    (root / "index.json").write_text(json.dumps({"format": "bigssl-shards/1", "samples": 24, "classes": ["a", "b"],
+                                                 "shards": [{"name": "shard-000000.tar", "samples": 24,
+                                                             "first_id": 0}]}))
+    run = tmp_path / "run"
+    train(config_lib.load(QUICKSTART, [
+        f"data.train={root}/shard-000000.tar", "data.val=", "data.mode=exact", "data.workers=0",
+        "data.shuffle_buffer=0", "data.interleave=1", "data.views.size=16", "optim.batch_size=8", "optim.epochs=1",
+        "model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=16", "model.projector.out_dim=8",
+        f"log.dir={run}", "log.every_steps=1", "log.tensorboard=false", "log.progress=false",
+        "eval.knn_at_end=false", "eval.knn_baseline=false", "checkpoint.every_steps=0"]))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2]
+    assert "data/skipped_decode_error" not in records[-2]  # step 2, as the window logged it
+    assert records[-1]["step"] == 2 and records[-1]["data/skipped_decode_error"] == 8
+    assert "bigssl: skipped data: 8 decode_error" in capfd.readouterr().err

@@ -142,3 +142,53 @@ def test_unreadable_inputs_are_skipped_and_counted(tmp_path: Path):
     (src / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     index = build(src, tmp_path / "out", Options(resize=16), workers=1, progress_bar=False)
     assert index["samples"] == 9 and index["skipped_inputs"] == 1
+
+
+def members_of(shard: Path) -> list[dict[str, bytes]]:
+    from bigssl.data import tar
+
+    with shard.open("rb") as handle:
+        return list(tar.samples(handle))
+
+
+def test_a_file_list_gets_what_training_reads(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """From a CSV/JSONL list any extension became a member: .gif and .tif ones the reader never
+    uses (all `no_image` at train time), an input named *.cls replaced its sample's label, and
+    the command reported success. Inputs are now decode-checked as training decodes them, and
+    formats training does not read become PNG."""
+    from bigssl.cli import main
+    from bigssl.data.decode import decode_array, image_bytes
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encoded(10))
+    (images / "b.gif").write_bytes(encoded(60, fmt="GIF"))
+    (images / "c.tif").write_bytes(encoded(110, fmt="TIFF"))
+    (images / "d.cls").write_bytes(encoded(160, fmt="JPEG"))  # a JPEG under an unlucky name
+    (images / "e.jpg").write_bytes(b"a text file, not an image")
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps({"path": f"images/{name}", "label": label}) + "\n"
+                               for label, name in enumerate(["a.png", "b.gif", "c.tif", "d.cls", "e.jpg"])))
+    out = tmp_path / "out"
+    assert main(["shards", str(listing), str(out), "--workers", "1", "--no-shuffle", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{out}: 4 samples in 1 shards, 1 unreadable inputs skipped, 2 inputs converted to PNG\n"
+    assert "skipping " in captured.err and "e.jpg" in captured.err
+    assert "converting " in captured.err and "b.gif (GIF, a format training does not read) to PNG" in captured.err
+
+    samples = members_of(out / "shard-000000.tar")
+    assert [sorted(k for k in s if k != "__key__") for s in samples] == [["cls", "png"], ["cls", "png"],
+                                                                         ["cls", "png"], ["cls", "jpg"]]
+    assert [int(s["cls"]) for s in samples] == [0, 1, 2, 3]  # d.cls kept its label
+    pixels = [int(decode_array(image_bytes(s))[0, 0, 0]) for s in samples]
+    assert pixels[:3] == [10, 60, 110] and abs(pixels[3] - 160) <= 2  # the GIF and TIFF losslessly
+    index = json.loads((out / "index.json").read_text())
+    assert (index["skipped_inputs"], index["converted_inputs"]) == (1, 2)
+
+
+def test_a_damaged_image_is_skipped_without_resize_too(tmp_path: Path):
+    src = image_folder(tmp_path / "src", per_class=2)
+    jpeg = encoded(5, size=24, fmt="JPEG")
+    (src / "cat" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # it was copied into the shard as is
+    index = build(src, tmp_path / "out", Options(), workers=1, progress_bar=False)
+    assert index["samples"] == 6 and index["skipped_inputs"] == 1

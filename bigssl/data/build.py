@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from bigssl.data.decode import decode_array
 from bigssl.data.write import INDEX_NAME, Sample, ShardWriter
 from bigssl.errors import UserError
 
@@ -85,21 +86,46 @@ def list_items(src: Path) -> tuple[list[str], list[Item]]:
     return ([] if numeric else names), items
 
 
+# The formats the reader takes an image member of (bigssl/data/decode.py), by PIL's name for
+# them, and the member's extension. MPO is the JPEG variant some cameras write.
+READABLE_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
+
+
+def _readable(data: bytes) -> tuple[bytes, str, str | None]:
+    """(bytes, member extension, the format it was converted from) of one input, taken as is
+    when training can read it and decodes (with the training decoder, so a damaged file is
+    skipped here once rather than at every epoch). Other formats PIL reads (GIF, TIFF, ...) would
+    be a member the reader never looks at: they become lossless PNG. The extension comes from
+    the content, never the file name: an input named `x.cls` must not become the label member."""
+    with Image.open(io.BytesIO(data)) as image:
+        kind = image.format or "unknown"
+        if kind not in READABLE_FORMATS:
+            buffer = io.BytesIO()
+            image.convert("RGB").save(buffer, format="PNG")
+            return buffer.getvalue(), "png", kind
+    decode_array(data)
+    return data, READABLE_FORMATS[kind], None
+
+
+def _resized_jpeg(path: Path, options: Options) -> bytes:
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        scale = options.resize / min(image.size)
+        if scale < 1:  # only ever shrink
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=options.quality)
+    return buffer.getvalue()
+
+
 def encode(item: Item, options: Options) -> Sample | str:
     """The sample for one input, or a one-line reason to skip it (runs in pool workers)."""
     path = Path(item.path)
     try:
-        if options.resize is None:
-            ext = path.suffix.lower().lstrip(".")
-            return Sample(path.read_bytes(), "jpg" if ext == "jpeg" else ext, item.label, item.text)
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            scale = options.resize / min(image.size)
-            if scale < 1:  # only ever shrink
-                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=options.quality)
-        return Sample(buffer.getvalue(), "jpg", item.label, item.text)
+        if options.resize is not None:
+            return Sample(_resized_jpeg(path, options), "jpg", item.label, item.text)
+        data, ext, converted_from = _readable(path.read_bytes())
+        return Sample(data, ext, item.label, item.text, converted_from)
     except Exception as err:  # unreadable or undecodable: skipped and counted, never fatal
         return f"{path}: {err}"
 
@@ -132,6 +158,15 @@ def _save_progress(out: Path, progress: dict) -> None:
     os.replace(tmp, out / PROGRESS_NAME)
 
 
+def _note_conversion(item: Item, sample: Sample, counter: dict[str, int], bar: tqdm) -> None:
+    if sample.converted_from is None:
+        return
+    counter["converted"] += 1
+    if counter["converted"] <= 5:
+        bar.write(f"bigssl: converting {item.path} ({sample.converted_from}, a format training does not read) "
+                  "to PNG", file=sys.stderr)
+
+
 def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar: bool = True) -> dict:
     """Write (or finish writing) the shards of `src` into `out`; returns the index."""
     if src.is_dir():
@@ -158,10 +193,12 @@ def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar
             stale.unlink()
     _save_progress(out, progress)
 
-    counter = {"items": progress["items_done"], "skipped": progress["skipped"]}
+    counter = {"items": progress["items_done"], "skipped": progress["skipped"],
+               "converted": progress.get("converted", 0)}
 
     def shard_closed(shards: list[dict]) -> None:
-        progress.update(shards=list(shards), items_done=counter["items"], skipped=counter["skipped"])
+        progress.update(shards=list(shards), items_done=counter["items"], skipped=counter["skipped"],
+                        converted=counter["converted"])
         _save_progress(out, progress)
 
     writer = ShardWriter(out, options.maxcount, options.maxsize, progress["shards"], on_shard=shard_closed)
@@ -171,16 +208,18 @@ def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar
         with multiprocessing.get_context("fork").Pool(workers) as pool, \
                 tqdm(total=len(items), initial=progress["items_done"], unit="img", disable=not progress_bar,
                      file=sys.stderr) as bar:
-            for result in pool.imap(_encode_star, ((item, options) for item in todo), chunksize=16):
+            for item, result in zip(todo, pool.imap(_encode_star, ((item, options) for item in todo), chunksize=16),
+                                    strict=True):
                 if isinstance(result, str):
                     counter["skipped"] += 1
                     if counter["skipped"] <= 5:
                         bar.write(f"bigssl: skipping {result}", file=sys.stderr)
                 else:
+                    _note_conversion(item, result, counter, bar)
                     writer.write(result)  # may close a shard first, recording the items before this one
                 counter["items"] += 1
                 bar.update(1)
     except BaseException:
         writer.abandon()
         raise
-    return writer.finish(classes, {"skipped_inputs": counter["skipped"]})
+    return writer.finish(classes, {"skipped_inputs": counter["skipped"], "converted_inputs": counter["converted"]})

@@ -40,6 +40,12 @@ def decode_rgb(data: bytes, fast: bool = False) -> torch.Tensor:
     `fast` uses libjpeg-turbo's faster inverse DCT and chroma upsampling: ~30 % less decode
     time (measured here) for differences of a few grey levels, which augmentation swamps.
     """
+    return torch.from_numpy(decode_array(data, fast)).permute(2, 0, 1)
+
+
+def decode_array(data: bytes, fast: bool = False) -> np.ndarray:
+    """Image bytes → uint8 array [H, W, 3], as training decodes them (`bigssl shards` checks
+    its inputs with this, so what it writes is what the reader can read)."""
     array = None
     if data[:2] == b"\xff\xd8":  # JPEG start-of-image marker
         try:
@@ -52,7 +58,7 @@ def decode_rgb(data: bytes, fast: bool = False) -> torch.Tensor:
                 array = np.array(image.convert("RGB"))
         except Exception as err:  # PIL raises many types for damaged files
             raise BadSample("decode_error", str(err)) from err
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return array
 
 
 def decode_label(sample: dict[str, Any], required: bool) -> int:

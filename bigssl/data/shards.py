@@ -11,6 +11,7 @@ banks rely on that. Shards written by img2dataset carry no index; their per-shar
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def _index_counts(urls: list[str]) -> dict[str, tuple[int, int]]:
     return found
 
 
+def _pattern_hint(directory: Path) -> str:
+    """What to pass instead of a directory: the brace pattern of the numbered .tar shards in it."""
+    numbered = [re.fullmatch(r"(.*?)(\d+)\.tar", p.name) for p in sorted(directory.glob("*.tar"))]
+    if not numbered:
+        return "it holds no .tar shards (write them with `bigssl shards`)"
+    if all(numbered) and len({(m.group(1), len(m.group(2))) for m in numbered}) == 1:
+        prefix, first, last = numbered[0].group(1), numbered[0].group(2), numbered[-1].group(2)
+        return f"pass its shards as a brace pattern: {directory / prefix}{{{first}..{last}}}.tar"
+    return f"pass its {len(numbered)} .tar shards as a brace pattern such as {directory}/shard-{{000000..000009}}.tar"
+
+
 def resolve(pattern: str, key: str = "data.train", weights: list[float] | None = None) -> ShardSet:
     """Expand `pattern`, check that local shards exist, attach their index entries."""
     sources = _expand(pattern, key)
@@ -99,6 +111,8 @@ def resolve(pattern: str, key: str = "data.train", weights: list[float] | None =
         raise ConfigError("data.weights: weights must be non-negative and not all zero")
     urls = [u for source in sources for u in source]
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
+    if missing and Path(missing[0]).is_dir():
+        raise UserError(f"{key}: {missing[0]} is a directory, not a shard; {_pattern_hint(Path(missing[0]))}")
     if missing:
         raise UserError(f"{key}: shard not found: {missing[0]} ({len(missing)} of {len(urls)} missing)")
     counts = _index_counts(urls)

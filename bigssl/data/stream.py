@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -95,22 +96,43 @@ def samples_per_rank(shard_set: ShardSet, spec: StreamSpec, workers: int, consum
                 for worker in rank for s in worker) for rank in dealt]
 
 
+PIPE_EXIT_GRACE_S = 1.0  # a command whose output ended badly usually exits right after
+
+
 class NoData(Exception):
     """The stream cannot produce samples at all."""
 
 
-def _close(stream, finished: bool) -> None:
-    """Close a shard stream; a `pipe:` command left mid-stream (a timeout, an early stop) is
-    killed first, since closing waits for it to exit."""
+def _close(stream, finished: bool, failed: bool) -> int | None:
+    """Close a shard stream. Returns the exit status of a `pipe:` command that failed by itself
+    (non-zero, or minus the signal that killed it); None for files, for commands that exited 0
+    and for one left mid-stream (a timeout, an early stop), which is killed here first, since
+    closing waits for it to exit. After a read error (`failed`: output cut short, or none) the
+    command is given a moment to exit by itself, so that its own status is the one reported."""
     if stream is None:
-        return
+        return None
     process = getattr(stream, "proc", None)
-    if process is not None and not finished and process.poll() is None:
+    if process is not None and failed:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(PIPE_EXIT_GRACE_S)
+    killed = process is not None and not finished and process.poll() is None
+    if killed:
         process.kill()
         process.wait()
         stream.ignore_errors = True
-    with contextlib.suppress(OSError):  # a killed or failed pipe: counted already, or stopped on purpose
+    # webdataset raises for a failed command here, and only polls while reading, so most failures
+    # surface only now: the status is taken from the process below instead.
+    with contextlib.suppress(OSError):
         stream.close()
+    if process is None or killed:
+        return None
+    status = process.returncode if process.returncode is not None else process.wait()
+    return status or None
+
+
+def _pipe_failed(url: str, status: int, read: int) -> str:
+    how = f"was killed by signal {-status}" if status < 0 else f"exited with status {status}"
+    return f"shard {url}: the command {how} after {read} samples"
 
 
 def _worker() -> tuple[int, int]:
@@ -174,6 +196,7 @@ class ShardStream(IterableDataset):
 
         read = 0
         finished = False
+        failure: Exception | None = None
         stream = None
         try:
             stream = gopen(url, "rb")
@@ -184,10 +207,17 @@ class ShardStream(IterableDataset):
                 yield shard, ordinal, sample
             finished = True
         except (OSError, ValueError, EOFError) as err:  # tar.TarFormatError is a ValueError
-            shard_error(f"skipping the rest of unreadable shard {url}: {err}")
+            failure = err
+        finally:  # (also when the consumer stops early; nothing below runs then)
+            status = _close(stream, finished, failure is not None)
+        # One shard_error per shard: a failed command's status says more than the read error it
+        # caused (webdataset's "exit 1 (read)", or a tar cut short).
+        if status is not None:
+            shard_error(_pipe_failed(url, status, read))
             return
-        finally:
-            _close(stream, finished)
+        if failure is not None:
+            shard_error(f"skipping the rest of unreadable shard {url}: {failure}")
+            return
         # A shard cut at a member boundary looks complete; the index tells it apart.
         if expected is not None and read < expected:
             shard_error(f"shard {url} ended after {read} of its {expected} samples (truncated?)")
@@ -254,6 +284,7 @@ class ShardStream(IterableDataset):
         spec = self.spec
         pending: list[tuple[int, int, dict[str, Any] | None]] = []
         good = 0  # good samples in the micro-batch, including ones passed over in a replay
+        reported: dict[str, int] = {}  # the counters the last micro-batch carried
         for shard, ordinal, sample in items:
             if self.replay_bad is not None and self.consumed.contains(shard, ordinal):
                 # Used before the restart: not decoded again, but a good one still takes its
@@ -275,8 +306,11 @@ class ShardStream(IterableDataset):
                 pending.append((shard, ordinal, out))
             if good == spec.micro_batch:
                 yield self._collate(pending, stats, worker)
-                pending, good = [], 0
-        if pending or good:
+                pending, good, reported = [], 0, dict(stats)
+        # Counters travel with micro-batches: shards that failed after the last one (or a worker
+        # whose every shard failed) are reported by a last, possibly empty, one. (The non-empty
+        # micro-batches, and so the batches, stay those of a run without it.)
+        if pending or good or dict(stats) != reported:
             yield self._collate(pending, stats, worker)
 
     @staticmethod

@@ -62,10 +62,15 @@ def _pax_path(data: bytes) -> str | None:
 def members(stream: BinaryIO) -> Iterator[tuple[str, bytes]]:
     """(name, content) of each regular file in the archive, in order."""
     long_name: str | None = None
+    first = True
     while True:
         header = _read_exact(stream, BLOCK)
+        if not header and first:
+            # Not even an end-of-archive block: a failed write or copy, not an empty shard.
+            raise TarFormatError("empty (0 bytes)")
         if not header or header == _ZERO:
             return  # the end-of-archive marker, or a stream that stops at a member boundary
+        first = False
         if len(header) < BLOCK:
             raise TarFormatError("truncated tar header")
         stored = _number(header[148:156])

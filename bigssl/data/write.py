@@ -33,6 +33,7 @@ class Sample:
     ext: str  # "jpg", "png", ...
     label: int | None = None
     text: str | None = None
+    converted_from: str | None = None  # the input's format when it was re-encoded (not written)
 
 
 def shard_name(index: int) -> str:

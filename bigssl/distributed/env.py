@@ -1,92 +1,24 @@
-"""Where this process sits in the job: rank, world size, local rank and rendezvous address.
+"""Joining and leaving the job's process group, and which device this rank uses.
 
-Launchers only set environment variables; this module reads them. Precedence: the torchrun
-convention (RANK/WORLD_SIZE, also set by the deepspeed launcher and `accelerate launch`), then
-SLURM's srun variables, then a single process.
+Where the process sits in the job (rank, world size, rendezvous address) is read from the
+launcher's variables by `bigssl.distributed.launch`, which needs no torch; its names are
+re-exported here.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import re
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from bigssl.distributed import comm, watchdog
-from bigssl.errors import UserError
+from bigssl.distributed.launch import DistEnv, detect, first_host
+from bigssl.errors import RankLost, UserError
 
-
-class RankLost(RuntimeError):
-    """Another rank of the job exited or stopped responding."""
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    launcher: str = "single"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def first_host(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as 'gpu[003-005,010],cpu1' (→ 'gpu003')."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
-
-
-def _int_env(name: str) -> int:
-    value = os.environ[name]
-    try:
-        return int(value)
-    except ValueError as err:
-        raise UserError(f"environment variable {name}={value!r} is not an integer") from err
-
-
-def detect() -> DistEnv:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(
-            rank=_int_env("RANK"),
-            world_size=_int_env("WORLD_SIZE"),
-            local_rank=_int_env("LOCAL_RANK") if "LOCAL_RANK" in env else 0,
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=_int_env("MASTER_PORT") if "MASTER_PORT" in env else 29500,
-            launcher="torchrun",
-        )
-    # srun exports SLURM_STEP_NUM_TASKS for the step; SLURM_NTASKS alone is also visible in
-    # the batch script itself, where only one process runs.
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        job_id = int(env.get("SLURM_JOB_ID", "0") or 0)
-        return DistEnv(
-            rank=_int_env("SLURM_PROCID"),
-            world_size=_int_env("SLURM_STEP_NUM_TASKS"),
-            local_rank=_int_env("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-            # A port derived from the job id keeps two jobs on one node apart.
-            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
-            launcher="slurm",
-        )
-    return DistEnv()
+__all__ = ["DistEnv", "RankLost", "describe", "detect", "device_for", "first_host", "init", "lost_ranks",
+           "shutdown"]
 
 
 _joined = False  # whether init() made the current process group (shutdown leaves only that one)

@@ -22,7 +22,10 @@ import time
 
 import torch.distributed as dist
 
-EXIT_CODE = 3
+from bigssl.distributed.launch import record_failure
+from bigssl.errors import EXIT_RANK_LOST
+
+EXIT_CODE = EXIT_RANK_LOST  # the same as a RankLost raised in the main thread (bigssl/cli.py)
 PREFIX = "bigssl/watchdog/"
 
 
@@ -102,8 +105,9 @@ class Watchdog:
     def _abort(self, reason: str) -> None:
         if self._stop.is_set():
             return
-        print(f"bigssl: error: {reason}; rank {self.rank} stops (engine.dead_rank_timeout_s sets the limit)",
-              file=sys.stderr, flush=True)
+        line = f"bigssl: error: {reason}; rank {self.rank} stops (engine.dead_rank_timeout_s sets the limit)"
+        print(line, file=sys.stderr, flush=True)
+        record_failure(line)
         os._exit(EXIT_CODE)  # the main thread may be stuck in a collective that never returns
 
     def diagnose(self) -> str | None:
