@@ -52,3 +52,17 @@ def slurm_cluster():
     subprocess.run(["bash", "-c", f'source "{SLURM_SCRIPT}" && SLURM_PIDS="{pids}" && slurm_down'], env=env,
                    capture_output=True, timeout=120)
     shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_nodes():
+    """A real 3-node SLURM on this machine, one network namespace per node
+    (tests/multinode_cluster.py); started once for every test that asks for it."""
+    import multinode_cluster
+
+    missing = multinode_cluster.missing_requirements()
+    if missing:
+        pytest.skip(f"multi-node SLURM: {missing}")
+    cluster = multinode_cluster.start()
+    yield cluster
+    cluster.down()
