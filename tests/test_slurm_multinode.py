@@ -10,7 +10,9 @@ is `cpu01,gpu[01-02]` and its task 0 runs on cpu01. Partition `gpu` holds gpu[01
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,7 +22,12 @@ import torch
 from engine_cases import NO_BN, assert_same_loss_curve, global_batch, make_config, setup, train_steps
 from helpers import REPO, worker_env
 from multinode_cluster import Cluster
+from safetensors.torch import load_file
+from test_resume_exact import BAD, PER_SHARD, SAMPLES, textured_shards
 
+from bigssl.data.position import Consumed
+from bigssl.data.shards import resolve
+from bigssl.data.stream import StreamSpec, deal
 from bigssl.distributed import env as env_lib
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm]
@@ -152,3 +159,153 @@ def test_two_nodes_give_the_losses_of_one_process_with_the_whole_batch(
     expected = one_process_losses[method]
     assert_same_loss_curve(mean, expected)
     assert expected[0] != expected[-1]  # it trained
+
+
+# ---------------------------------------------------- 3. USR1 on a 2-node job, exact resume
+# test_mn_recorder (tests/slurm/launch.py) on the noise shards of tests/test_resume_exact.py
+# (230 samples in 10 shards, 5 undecodable), FSDP2 (a checkpoint is every rank's DCP shard), one
+# epoch of 24-sample steps: 6 per rank on 2 × 2, 12 on 1 × 2, 8 on 3 × 1.
+HOLD_AT = 2  # the preempted run waits at step index 2 until every rank has USR1: it stops after step 3
+
+
+def recorder_args(data: str, run: Path, *extra: str) -> list[str]:
+    return [str(run.parent / "recipe.yaml"), f"data.train={data}", "data.val=", "data.mode=exact", "data.workers=1",
+            "data.views.size=8", "data.views.resize=8", "data.shuffle_buffer=20", "optim.batch_size=24",
+            "optim.epochs=1", "optim.name=sgd", "optim.base_lr=0.5", "model.channels_last=false", "engine.kind=fsdp",
+            f"log.dir={run}", "checkpoint.every_steps=0", "checkpoint.keep=10", "log.tensorboard=false",
+            "log.progress=false", "log.every_steps=2", "engine.dead_rank_timeout_s=30",
+            f"method.out={run}-ids-{{rank}}.txt", *extra]
+
+
+def recorded(run: Path, rank: int) -> list[list[str]]:
+    """Per step: step | host | ids | pixel sums | weights' sha256."""
+    return [line.split(" | ") for line in Path(f"{run}-ids-{rank}.txt").read_text().splitlines()]
+
+
+def metrics(run: Path) -> list[dict]:
+    timing = ("time", "images_per_s", "data_wait_fraction", "memory/rss_gib")
+    return [{k: v for k, v in json.loads(line).items() if k not in timing}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for(path: Path, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"no {path} after {timeout} s; log:\n{tail(log)}"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def preempted(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An uninterrupted 2 × 2 run and one sent USR1 at step 3 (as a time limit would, to the
+    batch shell), which checkpoints, requeues itself and finishes; both jobs at once."""
+    root = tmp_path_factory.mktemp("preempt")
+    (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
+    data = textured_shards(root / "data")
+    whole, cut = root / "whole", root / "cut"
+    whole_log, cut_log = root / "whole.out", root / "cut.out"
+    whole_job = submit(slurm_nodes, whole_log, recorder_args(data, whole), NODES, TASKS)
+    cut_job = submit(slurm_nodes, cut_log, recorder_args(data, cut, f"method.hold_at_step={HOLD_AT}"), NODES, TASKS)
+    wait_for(Path(f"{cut}-ids-0.txt.holding"), cut_log)
+    slurm_nodes.client("scancel", "--batch", "--signal=USR1", cut_job, check=True)
+    cut_state = wait_done(slurm_nodes, cut_job, cut_log)
+    whole_state = wait_done(slurm_nodes, whole_job, whole_log)
+    return {"root": root, "data": data, "whole": whole, "cut": cut, "cut_job": cut_job, "cut_state": cut_state,
+            "whole_state": whole_state, "whole_log": whole_log.read_text(), "cut_log": cut_log.read_text()}
+
+
+def test_usr1_on_two_nodes_checkpoints_every_rank_and_requeues_once(preempted: dict):
+    state, log, job = preempted["cut_state"], preempted["cut_log"], preempted["cut_job"]
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log[-4000:]
+    assert preempted["whole_state"]["JobState"] == "COMPLETED", preempted["whole_log"][-3000:]
+    assert f"job {job} run 0 on gpu[01-02]" in log and f"job {job} run 1 on gpu[01-02]" in log, log[-4000:]
+    assert "bigssl: SIGUSR1 received: stopped after step 3" in log, log[-4000:]
+    assert log.count(f"requeued SLURM job {job}") == 1, log[-4000:]  # rank 0 alone, once
+    assert "resumed from" in log and "step_00000003 (step 3)" in log, log[-4000:]
+    # Both runs had every rank where SLURM put it, twice (the run and its rerun).
+    ranks = re.findall(r"bigssl: rank (\d) of 4 \(local (\d)\) on (\w+), launcher slurm", log)
+    assert sorted(ranks) == sorted(2 * [("0", "0", "gpu01"), ("1", "1", "gpu01"), ("2", "0", "gpu02"),
+                                        ("3", "1", "gpu02")]), log[-4000:]
+    # The stop checkpoint holds one DCP shard from each rank of both nodes, all in its manifest.
+    stop = preempted["cut"] / "checkpoints" / "step_00000003"
+    manifest = {entry["path"] for entry in json.loads((stop / "manifest.json").read_text())["files"]}
+    assert {f"dcp/__{rank}_0.distcp" for rank in range(4)} <= manifest, manifest
+
+
+def test_the_requeued_run_ends_as_the_uninterrupted_one(preempted: dict):
+    whole, cut = preempted["whole"], preempted["cut"]
+    for rank in range(NODES * TASKS):
+        uninterrupted, resumed = recorded(whole, rank), recorded(cut, rank)
+        assert len(uninterrupted) > HOLD_AT + 2  # it stopped mid-epoch
+        # Same samples in the same batches, same crops and colours, same weights before each step.
+        assert resumed == uninterrupted, rank
+        assert {line[1] for line in resumed} == {"gpu01" if rank < 2 else "gpu02"}
+    assert metrics(cut) == metrics(whole)  # every logged mean, lr and gradient norm
+    final = [load_file(run / "backbone.safetensors") for run in (whole, cut)]
+    assert final[0].keys() == final[1].keys() and all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+
+
+# ------------------------------------- 4. the same run resumed on 1 node × 2 and 3 nodes × 1
+LAYOUTS = {"one_node": (1, 2), "three_nodes": (3, 1)}
+
+
+@pytest.fixture(scope="module")
+def resharded(slurm_nodes: Cluster, preempted: dict) -> dict[str, dict]:
+    """The preempted run's step-3 checkpoint (4 DCP shards) resumed at other world sizes, both
+    jobs at once; returns each run's directory, log and final job state."""
+    root, runs = preempted["root"], {}
+    for name, (nodes, tasks) in LAYOUTS.items():
+        run = root / name
+        shutil.copytree(preempted["cut"] / "checkpoints" / "step_00000003", run / "checkpoints" / "step_00000003")
+        log = root / f"{name}.out"
+        job = submit(slurm_nodes, log, recorder_args(preempted["data"], run), nodes, tasks, partition="all")
+        runs[name] = {"run": run, "log": log, "job": job}
+    for values in runs.values():
+        values["state"] = wait_done(slurm_nodes, values["job"], values["log"])
+        values["log"] = values["log"].read_text()
+    return runs
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_a_resume_at_another_node_count_reshards_and_keeps_the_data_position(
+        preempted: dict, resharded: dict[str, dict], layout: str):
+    nodes, tasks = LAYOUTS[layout]
+    world = nodes * tasks
+    run, log = resharded[layout]["run"], resharded[layout]["log"]
+    assert resharded[layout]["state"]["JobState"] == "COMPLETED", log[-4000:]
+    assert "step_00000003 (step 3)" in log, log[-4000:]
+    assert f"global batch 24, {world} ranks), resuming at step 3" in log, log[-4000:]
+    placed = sorted(re.findall(rf"bigssl: rank (\d) of {world} \(local (\d)\) on (\w+), launcher slurm", log))
+    if layout == "three_nodes":  # nodes listed cpu01,gpu[01-02]: task 0 on cpu01
+        assert placed == [("0", "0", "cpu01"), ("1", "0", "gpu01"), ("2", "0", "gpu02")], log[-4000:]
+    else:
+        assert [(r, local) for r, local, _ in placed] == [("0", "0"), ("1", "1")] and placed[0][2] == placed[1][2]
+
+    # The weights every rank holds before its first step are the 4-rank run's after step 3,
+    # bit for bit (the shards of 4 ranks reassembled for 2 or 3).
+    after_three = recorded(preempted["whole"], 0)[3][4]
+    resumed = [recorded(run, rank) for rank in range(world)]
+    assert all(lines[0][0] == "3" and lines[0][4] == after_three for lines in resumed)
+
+    # The data position: the samples of steps 1-3 (4 ranks) are the checkpoint's; the resumed
+    # ranks read only what was left (none twice), each from the shards dealt to it afresh, and
+    # the epoch went on until some rank could not fill a step (none lost that could be trained).
+    before = [int(i) for rank in range(4) for line in recorded(preempted["cut"], rank)[:3] for i in line[2].split()]
+    extra = torch.load(preempted["cut"] / "checkpoints" / "step_00000003" / "extra.pt", weights_only=True)["extra"]
+    consumed, bad = Consumed.from_state(extra["consumed"]), Consumed.from_state(extra["bad"])
+    assert sorted(before) == sorted(s * PER_SHARD + o for s in range(SAMPLES // PER_SHARD) for o in range(PER_SHARD)
+                                    if consumed.contains(s, o) and not bad.contains(s, o))
+    after = [[int(i) for line in lines for i in line[2].split()] for lines in resumed]
+    everything = before + [i for ids in after for i in ids]
+    assert len(everything) == len(set(everything)) and not set(everything) & BAD
+    shard_set = resolve(preempted["data"])
+    spec = StreamSpec(mode="exact", seed=0, epoch=0, world_size=world)  # seed: the config's default
+    dealt = deal(shard_set, spec, workers=1, consumed=consumed)
+    local_batch = 24 // world
+    left_over = []
+    for rank, ids in enumerate(after):
+        mine = {s * PER_SHARD + o for worker in dealt[rank] for s in worker for o in range(PER_SHARD)
+                if not consumed.contains(s, o)} - BAD
+        assert set(ids) <= mine, rank
+        left_over.append(len(mine - set(ids)))
+    assert min(left_over) < local_batch, left_over
