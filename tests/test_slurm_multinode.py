@@ -22,13 +22,16 @@ import torch
 from engine_cases import NO_BN, assert_same_loss_curve, global_batch, make_config, setup, train_steps
 from helpers import REPO, worker_env
 from multinode_cluster import Cluster
+from multinode_methods import fingerprint
 from safetensors.torch import load_file
 from test_resume_exact import BAD, PER_SHARD, SAMPLES, textured_shards
 
+from bigssl.checkpoint import Checkpointer
 from bigssl.data.position import Consumed
 from bigssl.data.shards import resolve
 from bigssl.data.stream import StreamSpec, deal
 from bigssl.distributed import env as env_lib
+from bigssl.distributed.engines.consolidate import method_state
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slurm]
 
@@ -50,10 +53,11 @@ def job_env() -> dict[str, str]:
 
 
 def submit(cluster: Cluster, log: Path, args: list[str], nodes: int, tasks_per_node: int,
-           partition: str = "gpu") -> str:
+           partition: str = "gpu", nodelist: str = "", env: dict[str, str] | None = None) -> str:
     command = ["sbatch", "--parsable", f"--partition={partition}", f"--nodes={nodes}",
-               f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1", f"--output={log}", str(TEMPLATE), *args]
-    result = cluster.client(*command, env=job_env(), cwd=REPO)
+               f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1", f"--output={log}",
+               *([f"--nodelist={nodelist}"] if nodelist else []), str(TEMPLATE), *args]
+    result = cluster.client(*command, env={**job_env(), **(env or {})}, cwd=REPO)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().split(";")[0]
 
@@ -309,3 +313,99 @@ def test_a_resume_at_another_node_count_reshards_and_keeps_the_data_position(
         assert set(ids) <= mine, rank
         left_over.append(len(mine - set(ids)))
     assert min(left_over) < local_batch, left_over
+
+
+# ----------------------------------------------------------------------------- 5. a node lost
+DEAD_RANK_TIMEOUT = 5
+
+
+@pytest.fixture(scope="module")
+def node_lost(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two jobs at once, each loses a node at step 4 (every rank waits there until told to go):
+    - `peer`: 2 × 2 on gpu[01-02], gpu02 lost (ranks 2 and 3); its log stays, written on gpu01;
+    - `store`: 2 × 1 on cpu01 and gpu01, cpu01 lost: rank 0, the rendezvous store and the batch
+      script with srun, which wrote the log; each task's stderr also goes to a file of its own.
+    A lost node first drops off the network, then every process on it dies: the others hear
+    nothing, no connection is reset (Cluster.lose)."""
+    root = tmp_path_factory.mktemp("lost")
+    (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
+    data = textured_shards(root / "data")
+    jobs = {"peer": {"nodes": 2, "tasks": 2, "partition": "gpu", "nodelist": "", "lose": "gpu02"},
+            "store": {"nodes": 2, "tasks": 1, "partition": "all", "nodelist": "cpu01,gpu01", "lose": "cpu01"}}
+    for name, job in jobs.items():
+        job["run"], job["log"] = root / name, root / f"{name}.out"
+        args = recorder_args(data, job["run"], "checkpoint.every_steps=2", "method.hold_at_step=3",
+                             f"method.hold_for={root / 'go'}", f"engine.dead_rank_timeout_s={DEAD_RANK_TIMEOUT}")
+        env = {"SLURM_STDERRMODE": f"{root}/{name}-err-%t.txt"} if name == "store" else {}
+        job["id"] = submit(slurm_nodes, job["log"], args, job["nodes"], job["tasks"], job["partition"],
+                           job["nodelist"], env)
+    world = {name: job["nodes"] * job["tasks"] for name, job in jobs.items()}
+    for name, job in jobs.items():  # every rank holds at step 4: step 2's checkpoint is published
+        for rank in range(world[name]):
+            wait_for(Path(f"{job['run']}-ids-{rank}.txt.holding"), job["log"])
+        job["pids"] = [Path(f"{job['run']}-ids-{rank}.txt.holding").read_text().split()[1]
+                       for rank in range(world[name])]
+    lost_at = time.monotonic()
+    for job in jobs.values():
+        slurm_nodes.lose(job["lose"])
+    (root / "go").touch()  # the survivors go on into the step's collectives, with peers that are gone
+    deadline = time.monotonic() + 120
+    for name, job in jobs.items():
+        while None in survivor_errors(name, job) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        job["stopped_after"] = time.monotonic() - lost_at
+        job["errors"] = survivor_errors(name, job)
+    for job in jobs.values():
+        slurm_nodes.client("scancel", job["id"])
+    for job in jobs.values():
+        slurm_nodes.restore(job["lose"])  # for the tests after these
+    for job in jobs.values():
+        job["state"] = wait_done(slurm_nodes, job["id"], job["log"], timeout=120)
+        job["log"] = job["log"].read_text()
+    return jobs
+
+
+def survivor_errors(name: str, job: dict) -> list[str | None]:
+    """The `bigssl: error:` line of each surviving rank, None while it has none."""
+    if name == "peer":  # ranks 0 and 1, in the job log (srun runs on gpu01)
+        text = job["log"].read_text() if job["log"].exists() else ""
+        sources = [(text, 0), (text, 1)]
+    else:  # rank 1, in its own stderr file (the log's srun died with cpu01)
+        path = job["log"].with_name("store-err-1.txt")
+        sources = [(path.read_text() if path.exists() else "", 1)]
+    return [next((line for line in text.splitlines() if line.startswith("bigssl: error:")
+                  and line.endswith(f"rank {rank} stops (engine.dead_rank_timeout_s sets the limit)")), None)
+            for text, rank in sources]
+
+
+def test_a_lost_node_stops_the_other_nodes_ranks_naming_it(node_lost: dict):
+    job = node_lost["peer"]
+    pids = job["pids"]
+    named = f"ranks 2, 3 (gpu02, pids {pids[2]}, {pids[3]}) sent no heartbeat for {DEAD_RANK_TIMEOUT} s"
+    assert None not in job["errors"], job["log"][-4000:]
+    rank0, rank1 = job["errors"]
+    assert named in rank0 and f"rank 0 reports {named}" in rank1, job["errors"]
+    # One line from each survivor, and no other (rank 1 tells what rank 0 saw, before rank 0 leaves).
+    errors = [line for line in job["log"].splitlines() if line.startswith("bigssl: error:")]
+    assert sorted(errors) == sorted(job["errors"]), errors
+    assert job["stopped_after"] < DEAD_RANK_TIMEOUT + 15, job["stopped_after"]
+    print(f"gpu02 lost: ranks 0 and 1 stopped {job['stopped_after']:.1f} s later")
+
+
+def test_a_lost_rendezvous_node_stops_the_other_nodes_ranks_naming_it(node_lost: dict):
+    job = node_lost["store"]
+    assert None not in job["errors"], job["log"][-3000:]
+    assert f"rank 0 (cpu01, pid {job['pids'][0]}), which hosts the rendezvous store, has not answered for" \
+        in job["errors"][0], job["errors"]
+    assert job["stopped_after"] < DEAD_RANK_TIMEOUT + 15, job["stopped_after"]
+    print(f"cpu01 lost: rank 1 stopped {job['stopped_after']:.1f} s later")
+
+
+@pytest.mark.parametrize("name", ["peer", "store"])
+def test_the_last_checkpoint_before_the_loss_verifies_and_loads(node_lost: dict, name: str):
+    run, warnings = node_lost[name]["run"], []
+    checkpoint = Checkpointer(run, keep=10, is_main=True).resumable(warnings.append)
+    assert checkpoint == run / "checkpoints" / "step_00000002" and not warnings, warnings
+    state = method_state(checkpoint)  # what `bigssl export` merges: all ranks' DCP shards
+    order = ["backbone.0.weight", "backbone.0.bias", "backbone.2.weight", "backbone.2.bias"]
+    assert fingerprint(state[key] for key in order) == recorded(run, 0)[2][4]  # the weights after step 2

@@ -131,7 +131,9 @@ class Watchdog:
                 if self._store_host == "rank 0" and (who := self._who(0)):
                     self._store_host = f"rank 0 ({who})"
                 if self.rank != 0 and self.store.check(["lost"]):
-                    self._abort(f"rank 0 reports {self.store.get('lost').decode()}")
+                    notice = self.store.get("lost").decode()
+                    self.store.add("lost_read", 1)  # rank 0 may leave now
+                    self._abort(f"rank 0 reports {notice}")
                 silent = self._silent_ranks(time.monotonic())
                 self._round_done = time.monotonic()
             except Exception as err:  # noqa: BLE001 - the store lives in rank 0's process
@@ -146,7 +148,16 @@ class Watchdog:
                           "exited or hangs, or its node is down)")
                 with contextlib.suppress(Exception):
                     self.store.set("lost", notice)  # tell the other survivors before leaving
+                    self._await_readers(self.world_size - 1 - len(silent))
                 self._abort(notice)
+
+    def _await_readers(self, survivors: int) -> None:
+        """Rank 0 holds the store: leaving at once would cut the survivors off before they read
+        the notice (they would then only say that rank 0 is unreachable; seen on two nodes).
+        Waits until they have, three heartbeats at most."""
+        deadline = time.monotonic() + 3 * self.interval_s
+        while self.store.add("lost_read", 0) < survivors and time.monotonic() < deadline:
+            time.sleep(self.interval_s / 10)
 
     def _guard_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
