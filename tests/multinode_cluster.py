@@ -20,8 +20,9 @@ SCRIPT = Path(__file__).parent / "slurm" / "multinode.sh"
 # first node of slurm.conf.
 NODES = ("gpu01", "gpu02", "cpu01")
 PARTITIONS = "PartitionName=gpu Nodes=gpu[01-02] MaxTime=INFINITE State=UP"
-# Each node offers 4 CPUs to SLURM on this 2-core machine, so that two small jobs run at once.
-CPUS = 4
+# Each node offers 12 CPUs to SLURM on this 2-core machine, so that the test module's small jobs
+# all run at once (five on gpu01), sharing the cores where one alone would leave them idle.
+CPUS = 12
 
 
 def missing_requirements() -> str | None:
@@ -110,8 +111,10 @@ class Cluster:
 def start() -> Cluster:
     # munged wants every directory above its socket world-executable: pytest's are not.
     directory = Path(tempfile.mkdtemp(prefix="bigssl-mn-", dir="/tmp"))
+    # A lost node is declared down after 10 s, and a cancelled job whose srun waits for it is
+    # killed 5 s after its SIGTERM (SLURM's defaults: 300 s and 30 s).
     env = {**os.environ, "SLURM_DIR": str(directory), "MN_CPUS": str(CPUS), "MN_CONF": PARTITIONS,
-           "MN_SLURMD_TIMEOUT": "10"}
+           "MN_SLURMD_TIMEOUT": "10", "MN_KILL_WAIT": "5"}
     started = _bash(f'mn_up {" ".join(NODES)} && echo "$MN_ID|$MN_PIDS"', env)
     if started.returncode != 0:
         shutil.rmtree(directory, ignore_errors=True)

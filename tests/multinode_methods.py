@@ -20,7 +20,7 @@ from bigssl.config import MethodConfig
 from bigssl.distributed import comm
 from bigssl.methods.base import Method, register
 
-HOLD_LIMIT_S = 120  # a hold never outlasts this (a test that failed to release it must not hang)
+HOLD_LIMIT_S = 600  # a hold never outlasts this (a test that failed to release it must not hang)
 
 
 @dataclass

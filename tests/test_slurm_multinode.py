@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -122,16 +123,52 @@ STEPS = 5
 NODES, TASKS = 2, 2
 
 
+def wanted(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether a selected test needs `fixture` (jobs no test looks at are not started)."""
+    return any(fixture in item.fixturenames for item in request.session.items)
+
+
 @pytest.fixture(scope="module")
-def engine_runs(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """One 2-node × 2-task job trains every method under every engine in turn (one start for all)."""
-    out = tmp_path_factory.mktemp("engines")
-    log = out / "job.out"
-    args = ["tests:engines", f"out={out}", f"steps={STEPS}", f"methods={','.join(METHODS)}", *ENGINES]
-    job = submit(slurm_nodes, log, args, NODES, TASKS)
-    state = wait_done(slurm_nodes, job, log)
-    assert state["JobState"] == "COMPLETED", tail(log)
-    return out, log.read_text()
+def started(request: pytest.FixtureRequest, slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Every job of this module that needs only the cluster, submitted together so that they
+    share its idle moments (start-up, the requeue delay): the engines job (section 2), the
+    uninterrupted and the preempted recorder runs (section 3), the two runs that will lose a
+    node (section 5; they wait at step 4 until the others are done). A thread sends the
+    preempted job USR1 once it holds at step 4."""
+    root = tmp_path_factory.mktemp("jobs")
+    (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
+    data = textured_shards(root / "data")
+    jobs: dict = {}
+    if wanted(request, "engine_runs"):
+        engines = jobs["engines"] = {"out": root / "engines", "log": root / "engines.out"}
+        engines["id"] = submit(slurm_nodes, engines["log"], ["tests:engines", f"out={engines['out']}",
+                                                             f"steps={STEPS}", f"methods={','.join(METHODS)}",
+                                                             *ENGINES], NODES, TASKS)
+    if wanted(request, "preempted"):
+        runs = jobs["runs"] = {"root": root, "data": data, "whole": root / "whole", "cut": root / "cut"}
+        runs["whole_job"] = submit(slurm_nodes, root / "whole.out", recorder_args(data, runs["whole"]), NODES, TASKS)
+        runs["cut_job"] = submit(slurm_nodes, root / "cut.out",
+                                 recorder_args(data, runs["cut"], f"method.hold_at_step={HOLD_AT}"), NODES, TASKS)
+
+        def preempt() -> None:
+            wait_for(Path(f"{runs['cut']}-ids-0.txt.holding"), root / "cut.out")
+            # The warning a time limit gives (--signal=B:USR1@120), sent now, to the batch shell only.
+            slurm_nodes.client("scancel", "--batch", "--signal=USR1", runs["cut_job"], check=True)
+
+        runs["signal"] = threading.Thread(target=preempt, daemon=True)
+        runs["signal"].start()
+    if wanted(request, "node_lost"):
+        jobs["lost"] = submit_node_losers(slurm_nodes, root, data)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def engine_runs(slurm_nodes: Cluster, started: dict) -> tuple[Path, str]:
+    """One 2-node × 2-task job trained every method under every engine in turn (one start for all)."""
+    job = started["engines"]
+    state = wait_done(slurm_nodes, job["id"], job["log"])
+    assert state["JobState"] == "COMPLETED", tail(job["log"])
+    return job["out"], job["log"].read_text()
 
 
 def test_every_rank_knows_its_node_local_rank_and_world(engine_runs: tuple[Path, str]):
@@ -200,22 +237,16 @@ def wait_for(path: Path, log: Path, timeout: float = 300) -> None:
 
 
 @pytest.fixture(scope="module")
-def preempted(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def preempted(slurm_nodes: Cluster, started: dict) -> dict:
     """An uninterrupted 2 × 2 run and one sent USR1 at step 3 (as a time limit would, to the
-    batch shell), which checkpoints, requeues itself and finishes; both jobs at once."""
-    root = tmp_path_factory.mktemp("preempt")
-    (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
-    data = textured_shards(root / "data")
-    whole, cut = root / "whole", root / "cut"
-    whole_log, cut_log = root / "whole.out", root / "cut.out"
-    whole_job = submit(slurm_nodes, whole_log, recorder_args(data, whole), NODES, TASKS)
-    cut_job = submit(slurm_nodes, cut_log, recorder_args(data, cut, f"method.hold_at_step={HOLD_AT}"), NODES, TASKS)
-    wait_for(Path(f"{cut}-ids-0.txt.holding"), cut_log)
-    slurm_nodes.client("scancel", "--batch", "--signal=USR1", cut_job, check=True)
-    cut_state = wait_done(slurm_nodes, cut_job, cut_log)
-    whole_state = wait_done(slurm_nodes, whole_job, whole_log)
-    return {"root": root, "data": data, "whole": whole, "cut": cut, "cut_job": cut_job, "cut_state": cut_state,
-            "whole_state": whole_state, "whole_log": whole_log.read_text(), "cut_log": cut_log.read_text()}
+    batch shell), which checkpoints, requeues itself and finishes."""
+    runs = dict(started["runs"])
+    root = runs["root"]
+    runs["signal"].join(timeout=360)
+    runs["cut_state"] = wait_done(slurm_nodes, runs["cut_job"], root / "cut.out")
+    runs["whole_state"] = wait_done(slurm_nodes, runs["whole_job"], root / "whole.out")
+    runs["cut_log"], runs["whole_log"] = (root / "cut.out").read_text(), (root / "whole.out").read_text()
+    return runs
 
 
 def test_usr1_on_two_nodes_checkpoints_every_rank_and_requeues_once(preempted: dict):
@@ -319,36 +350,43 @@ def test_a_resume_at_another_node_count_reshards_and_keeps_the_data_position(
 DEAD_RANK_TIMEOUT = 5
 
 
+def submit_node_losers(cluster: Cluster, root: Path, data: str) -> dict[str, dict]:
+    """The two runs of section 5; every rank will wait at step 4 until the file `go` exists."""
+    jobs = {"peer": {"nodes": 2, "tasks": 2, "partition": "gpu", "nodelist": "", "lose": "gpu02"},
+            "store": {"nodes": 2, "tasks": 1, "partition": "all", "nodelist": "cpu01,gpu01", "lose": "cpu01"}}
+    for name, job in jobs.items():
+        job["run"], job["log"], job["go"] = root / f"lost-{name}", root / f"lost-{name}.out", root / "go"
+        job["stderr"] = root / f"lost-{name}-err-%t.txt"  # each task's stderr, written on its own node
+        args = recorder_args(data, job["run"], "checkpoint.every_steps=2", "method.hold_at_step=3",
+                             f"method.hold_for={job['go']}", f"engine.dead_rank_timeout_s={DEAD_RANK_TIMEOUT}")
+        env = {"SLURM_STDERRMODE": str(job["stderr"])} if name == "store" else {}
+        job["id"] = submit(cluster, job["log"], args, job["nodes"], job["tasks"], job["partition"], job["nodelist"],
+                           env)
+    return jobs
+
+
 @pytest.fixture(scope="module")
-def node_lost(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two jobs at once, each loses a node at step 4 (every rank waits there until told to go):
+def node_lost(slurm_nodes: Cluster, started: dict) -> dict:
+    """Two runs, each loses a node at step 4 (every rank waits there until told to go):
     - `peer`: 2 × 2 on gpu[01-02], gpu02 lost (ranks 2 and 3); its log stays, written on gpu01;
     - `store`: 2 × 1 on cpu01 and gpu01, cpu01 lost: rank 0, the rendezvous store and the batch
       script with srun, which wrote the log; each task's stderr also goes to a file of its own.
     A lost node first drops off the network, then every process on it dies: the others hear
     nothing, no connection is reset (Cluster.lose)."""
-    root = tmp_path_factory.mktemp("lost")
-    (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
-    data = textured_shards(root / "data")
-    jobs = {"peer": {"nodes": 2, "tasks": 2, "partition": "gpu", "nodelist": "", "lose": "gpu02"},
-            "store": {"nodes": 2, "tasks": 1, "partition": "all", "nodelist": "cpu01,gpu01", "lose": "cpu01"}}
-    for name, job in jobs.items():
-        job["run"], job["log"] = root / name, root / f"{name}.out"
-        args = recorder_args(data, job["run"], "checkpoint.every_steps=2", "method.hold_at_step=3",
-                             f"method.hold_for={root / 'go'}", f"engine.dead_rank_timeout_s={DEAD_RANK_TIMEOUT}")
-        env = {"SLURM_STDERRMODE": f"{root}/{name}-err-%t.txt"} if name == "store" else {}
-        job["id"] = submit(slurm_nodes, job["log"], args, job["nodes"], job["tasks"], job["partition"],
-                           job["nodelist"], env)
-    world = {name: job["nodes"] * job["tasks"] for name, job in jobs.items()}
-    for name, job in jobs.items():  # every rank holds at step 4: step 2's checkpoint is published
-        for rank in range(world[name]):
-            wait_for(Path(f"{job['run']}-ids-{rank}.txt.holding"), job["log"])
-        job["pids"] = [Path(f"{job['run']}-ids-{rank}.txt.holding").read_text().split()[1]
-                       for rank in range(world[name])]
+    jobs = started["lost"]
+    for job in jobs.values():  # every rank holds at step 4: step 2's checkpoint is published
+        marks = [Path(f"{job['run']}-ids-{rank}.txt.holding") for rank in range(job["nodes"] * job["tasks"])]
+        for mark in marks:
+            wait_for(mark, job["log"], timeout=600)
+        job["pids"] = [mark.read_text().split()[1] for mark in marks]
+    ours, deadline = {job["id"] for job in jobs.values()}, time.monotonic() + 600
+    while set(slurm_nodes.client("squeue", "-h", "-o", "%i").stdout.split()) - ours:  # the loss kills all there
+        assert time.monotonic() < deadline, slurm_nodes.client("squeue").stdout
+        time.sleep(0.5)
     lost_at = time.monotonic()
     for job in jobs.values():
         slurm_nodes.lose(job["lose"])
-    (root / "go").touch()  # the survivors go on into the step's collectives, with peers that are gone
+    next(iter(jobs.values()))["go"].touch()  # the survivors go on into the step's collectives
     deadline = time.monotonic() + 120
     for name, job in jobs.items():
         while None in survivor_errors(name, job) and time.monotonic() < deadline:
@@ -358,7 +396,7 @@ def node_lost(slurm_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) ->
     for job in jobs.values():
         slurm_nodes.client("scancel", job["id"])
     for job in jobs.values():
-        slurm_nodes.restore(job["lose"])  # for the tests after these
+        slurm_nodes.restore(job["lose"])  # for any test after these
     for job in jobs.values():
         job["state"] = wait_done(slurm_nodes, job["id"], job["log"], timeout=120)
         job["log"] = job["log"].read_text()
@@ -371,7 +409,7 @@ def survivor_errors(name: str, job: dict) -> list[str | None]:
         text = job["log"].read_text() if job["log"].exists() else ""
         sources = [(text, 0), (text, 1)]
     else:  # rank 1, in its own stderr file (the log's srun died with cpu01)
-        path = job["log"].with_name("store-err-1.txt")
+        path = Path(str(job["stderr"]).replace("%t", "1"))
         sources = [(path.read_text() if path.exists() else "", 1)]
     return [next((line for line in text.splitlines() if line.startswith("bigssl: error:")
                   and line.endswith(f"rank {rank} stops (engine.dead_rank_timeout_s sets the limit)")), None)

@@ -6,7 +6,8 @@
 #   source tests/slurm/multinode.sh
 #   SLURM_DIR=$(mktemp -d) mn_up node01 node02 node03 && mn_client sbatch ...; mn_down
 # Optional: MN_CPUS (CPUs each node offers SLURM; more than the machine has lets jobs share the
-# cores), MN_CONF (lines appended to slurm.conf, e.g. more partitions), MN_SLURMD_TIMEOUT.
+# cores), MN_CONF (lines appended to slurm.conf, e.g. more partitions), MN_SLURMD_TIMEOUT and
+# MN_KILL_WAIT (seconds from a job's SIGTERM to its SIGKILL; SLURM's default is 30).
 # mn_up exports SLURM_CONF, MN_ID, MN_HEAD (the head's namespace), MN_NODES (the node names in
 # slurm.conf order; node i lives in namespace bsl${MN_ID}n$i) and MN_PIDS (munged, slurmctld and
 # each slurmd: exactly what mn_down stops, with whatever still runs in the namespaces).
@@ -86,6 +87,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
 SlurmdTimeout=${MN_SLURMD_TIMEOUT:-300}
+KillWait=${MN_KILL_WAIT:-30}
 MailProg=/bin/true
 CONF
     # slurmd refuses to offer more CPUs than it finds, unless told to take the configured count.
