@@ -2,7 +2,7 @@
 one network namespace per node, with its own address, hostname and slurmd; gloo over the
 namespaces' veth links). Every job is a real `sbatch` of slurm/train.sbatch, whose `srun` starts
 the ranks on every node; PYTHON points at tests/slurm/python so that the tasks also know the
-tests' own method (tests/slurm/launch.py).
+tests' own method (tests/multinode_methods.py, through tests/slurm/launch.py).
 
 Slurm.conf lists gpu01, gpu02, cpu01 in that order; SLURM sorts node lists, so a 3-node job's list
 is `cpu01,gpu[01-02]` and its task 0 runs on cpu01. Partition `gpu` holds gpu[01-02].
@@ -133,8 +133,8 @@ def started(request: pytest.FixtureRequest, slurm_nodes: Cluster, tmp_path_facto
     """Every job of this module that needs only the cluster, submitted together so that they
     share its idle moments (start-up, the requeue delay): the engines job (section 2), the
     uninterrupted and the preempted recorder runs (section 3), the two runs that will lose a
-    node (section 5; they wait at step 4 until the others are done). A thread sends the
-    preempted job USR1 once it holds at step 4."""
+    node (section 5; they wait at their fourth step until the others are done). A thread sends
+    the preempted job USR1 once it holds at its third step."""
     root = tmp_path_factory.mktemp("jobs")
     (root / "recipe.yaml").write_text("method:\n  name: test_mn_recorder\n")
     data = textured_shards(root / "data")
@@ -203,7 +203,7 @@ def test_two_nodes_give_the_losses_of_one_process_with_the_whole_batch(
 
 
 # ---------------------------------------------------- 3. USR1 on a 2-node job, exact resume
-# test_mn_recorder (tests/slurm/launch.py) on the noise shards of tests/test_resume_exact.py
+# test_mn_recorder (tests/multinode_methods.py) on the noise shards of tests/test_resume_exact.py
 # (230 samples in 10 shards, 5 undecodable), FSDP2 (a checkpoint is every rank's DCP shard), one
 # epoch of 24-sample steps: 6 per rank on 2 × 2, 12 on 1 × 2, 8 on 3 × 1.
 HOLD_AT = 2  # the preempted run waits at step index 2 until every rank has USR1: it stops after step 3
@@ -384,19 +384,21 @@ def node_lost(slurm_nodes: Cluster, started: dict) -> dict:
         assert time.monotonic() < deadline, slurm_nodes.client("squeue").stdout
         time.sleep(0.5)
     lost_at = time.monotonic()
-    for job in jobs.values():
-        slurm_nodes.lose(job["lose"])
-    next(iter(jobs.values()))["go"].touch()  # the survivors go on into the step's collectives
-    deadline = time.monotonic() + 120
-    for name, job in jobs.items():
-        while None in survivor_errors(name, job) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        job["stopped_after"] = time.monotonic() - lost_at
-        job["errors"] = survivor_errors(name, job)
-    for job in jobs.values():
-        slurm_nodes.client("scancel", job["id"])
-    for job in jobs.values():
-        slurm_nodes.restore(job["lose"])  # for any test after these
+    try:
+        for job in jobs.values():
+            slurm_nodes.lose(job["lose"])
+        next(iter(jobs.values()))["go"].touch()  # the survivors go on into the step's collectives
+        deadline = time.monotonic() + 120
+        for name, job in jobs.items():
+            while None in survivor_errors(name, job) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            job["stopped_after"] = time.monotonic() - lost_at
+            job["errors"] = survivor_errors(name, job)
+    finally:
+        for job in jobs.values():
+            slurm_nodes.client("scancel", job["id"])
+        for job in jobs.values():
+            slurm_nodes.restore(job["lose"])  # for any test after these
     for job in jobs.values():
         job["state"] = wait_done(slurm_nodes, job["id"], job["log"], timeout=120)
         job["log"] = job["log"].read_text()
