@@ -81,3 +81,17 @@ def small_run(tmp_path_factory: pytest.TempPathFactory):
         return runs[engine]
 
     return run_of
+
+
+@pytest.fixture(scope="session")
+def slurm_nodes():
+    """A real 3-node SLURM on this machine, one network namespace per node
+    (tests/multinode_cluster.py); started once for every test that asks for it."""
+    import multinode_cluster
+
+    missing = multinode_cluster.missing_requirements()
+    if missing:
+        pytest.skip(f"multi-node SLURM: {missing}")
+    cluster = multinode_cluster.start()
+    yield cluster
+    cluster.down()

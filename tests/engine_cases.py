@@ -63,6 +63,16 @@ class TinyEMA(Method):
         return self.config.method.momentum
 
 
+NO_BN = "model.projector.batch_norm=false"
+ENGINES = {"fsdp": ["engine.kind=fsdp"], **{f"zero{s}": ["engine.kind=deepspeed", f"engine.zero_stage={s}"]
+                                             for s in (1, 2, 3)}}
+
+
+def engine_keys(engine: str) -> list[str]:
+    """The config keys of an engine name: ddp, fsdp, zero1, zero2 or zero3."""
+    return ENGINES.get(engine, [f"engine.kind={engine}"])
+
+
 def make_config(method: str, *extra: str) -> Config:
     """`extra`: engine keys and other overrides; an engine kind alone may be given bare."""
     extra = tuple(e if "=" in e else f"engine.kind={e}" for e in extra)
@@ -80,8 +90,9 @@ def global_batch(world_size: int, step: int) -> dict:
     return {"views": [torch.cat(parts, dim=1)]}
 
 
-def setup(config: Config, rank: int, world_size: int, data_size: int | None = None):
-    env = DistEnv(rank=rank, world_size=world_size, local_rank=rank)
+def setup(config: Config, rank: int, world_size: int, data_size: int | None = None, env: DistEnv | None = None):
+    """`env`: where the rank really is (a launched job); by default one host, local rank = rank."""
+    env = env or DistEnv(rank=rank, world_size=world_size, local_rank=rank)
     torch.manual_seed(0)
     method = build(config)
     method.configure_data(data_size)

@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_cases import assert_same_loss_curve, global_batch, make_config, rank_batch, save_result, setup, train_steps
+from engine_cases import (
+    ENGINES,
+    NO_BN,
+    assert_same_loss_curve,
+    engine_keys,
+    global_batch,
+    make_config,
+    rank_batch,
+    save_result,
+    setup,
+    train_steps,
+)
 from helpers import run_cli, run_distributed
 from safetensors.torch import load_file
 
@@ -17,16 +28,7 @@ from bigssl.errors import CheckpointError
 
 STEPS = 5
 CHECKPOINT = "run/checkpoints/step_00000003"  # what _save_and_continue writes
-NO_BN = "model.projector.batch_norm=false"
 pytestmark = pytest.mark.distributed
-
-
-ENGINES = {"fsdp": ["engine.kind=fsdp"], **{f"zero{s}": ["engine.kind=deepspeed", f"engine.zero_stage={s}"]
-                                             for s in (1, 2, 3)}}
-
-
-def engine_keys(engine: str) -> list[str]:
-    return ENGINES.get(engine, [f"engine.kind={engine}"])
 
 
 def _train(rank: int, world_size: int, method: str, engine: str, out: Path) -> None:

@@ -23,7 +23,7 @@ from torch import nn
 
 from bigssl import config as config_lib
 from bigssl.config import MethodConfig
-from bigssl.distributed import comm
+from bigssl.distributed import comm, watchdog
 from bigssl.errors import EXIT_RANK_LOST
 from bigssl.methods.base import Method, register
 from bigssl.train import TrainingDiverged, train
@@ -176,6 +176,71 @@ def test_a_lost_rank_stops_the_other_within_bounded_time_naming_it(tmp_path: Pat
     assert "rank 1 (" in err and f"pid {ranks[1].pid}" in err, err[-2000:]
     assert "Traceback" not in err and "frame #" not in err, err[-2000:]
     assert waited < 60, f"rank 0 needed {waited:.0f} s to leave"  # heartbeat limit 6 s, plus start-up slack
+
+
+def test_the_watchdog_names_a_lost_node_as_one_with_its_ranks():
+    """Ranks 2 and 3 share a host and fall silent together, crossing the limit a beat apart: one
+    notice names both, grouped by host, and not rank 1, which still beats."""
+    store = torch.distributed.HashStore()
+    dog = watchdog.Watchdog(store, rank=0, world_size=4, interval_s=0.1, timeout_s=1.0)
+    for rank, who in ((1, "gpu01, pid 11"), (2, "gpu02, pid 12"), (3, "gpu02, pid 13")):
+        dog.store.set(f"who/{rank}", who)
+    assert dog._silent_ranks(now=0.0) == []  # first sight of every counter
+    for rank in (1, 3):
+        dog.store.add(f"beat/{rank}", 1)
+    assert dog._silent_ranks(now=0.3) == []
+    dog.store.add("beat/1", 1)
+    silent = dog._silent_ranks(now=1.1)  # rank 2 past the limit, rank 3 eight beats late
+    assert silent == [2, 3]
+    assert dog.describe_all(silent) == "ranks 2, 3 (gpu02, pids 12, 13)"
+    assert dog.describe_all([1, 2]) == "rank 1 (gpu01, pid 11), rank 2 (gpu02, pid 12)"
+
+
+STORE_HOST = """
+import sys, time, datetime, os
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, True, datetime.timedelta(seconds=60), wait_for_workers=False)
+beats = dist.PrefixStore("bigssl/watchdog/", store)
+beats.set("who/0", f"storehost, pid {os.getpid()}")
+while True:  # rank 0's heartbeat
+    beats.add("beat/0", 1)
+    time.sleep(0.1)
+"""
+
+WATCHER = """
+import sys, time, datetime
+import torch.distributed as dist
+from bigssl.distributed import watchdog
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, False, datetime.timedelta(seconds=60))
+watchdog.start(store, rank=1, world_size=2, interval_s=0.2, timeout_s=2.0)
+print("watching", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.distributed
+def test_a_frozen_store_host_stops_the_other_ranks_within_bounded_time():
+    """Rank 0's node goes silent (here: its process frozen) and a store call never returns
+    (TCPStore's add waits in a recv with no timeout): the guard thread still ends the rank."""
+    port = str(free_port())
+    host = subprocess.Popen([sys.executable, "-c", STORE_HOST, port], cwd=REPO, env=worker_env())
+    watcher = subprocess.Popen([sys.executable, "-c", WATCHER, port], cwd=REPO, env=worker_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching", watcher.stderr.read()
+        time.sleep(1.0)  # a few rounds: rank 0's name is known
+        host.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        _, err = watcher.communicate(timeout=60)
+        waited = time.monotonic() - frozen_at
+    finally:
+        for process in (watcher, host):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert watcher.returncode == watchdog.EXIT_CODE, err
+    assert f"rank 0 (storehost, pid {host.pid}), which hosts the rendezvous store, has not answered" in err, err
+    assert waited < 10, f"{waited:.1f} s"  # limit 2 s, plus a heartbeat interval and start-up slack
 
 
 # ------------------------------------------------------------------------- corrupt checkpoint

@@ -51,6 +51,7 @@ def test_launcher_starts_two_synchronised_ranks(tmp_path: Path, name: str):
     assert [r["world_size"] for r in records if "loss" in r] == [2, 2]
 
 
+@pytest.mark.slurm
 def test_srun_starts_two_synchronised_ranks(tmp_path: Path, slurm_cluster: dict[str, str]):
     run = tmp_path / "run"
     env = {**worker_env(), **slurm_cluster}

@@ -18,7 +18,7 @@ from helpers import REPO, worker_env
 from safetensors.torch import load_file
 from test_resume_exact import textured_shards
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slurm]
 
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 RECIPE = REPO / "recipes" / "quickstart" / "simclr.yaml"

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 
 from bigssl.distributed import comm, watchdog
-from bigssl.distributed.launch import DistEnv, detect, first_host
+from bigssl.distributed.launch import DistEnv, detect, first_host, hostnames
 from bigssl.errors import RankLost, UserError
 
-__all__ = ["DistEnv", "RankLost", "describe", "detect", "device_for", "first_host", "init", "lost_ranks",
+__all__ = ["DistEnv", "RankLost", "describe", "detect", "device_for", "first_host", "hostnames", "init", "lost_ranks",
            "shutdown"]
 
 

@@ -10,10 +10,12 @@ report a config error once) and the world size (to check the batch split) before
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bigssl.errors import UserError
@@ -37,16 +39,62 @@ class DistEnv:
         return self.world_size > 1
 
 
+def hostnames(nodelist: str) -> list[str]:
+    """Every host of a SLURM hostlist, in order, as `scontrol show hostnames` lists them:
+    'gpu[01-02,07],cpu1' → gpu01, gpu02, gpu07, cpu1 (zero padding kept; several bracket groups
+    in one name, as 'a[1-2]b[3-4]', expand as their product)."""
+    return [host for item in _split_top_level(nodelist) for host in _expand(item, nodelist)]
+
+
 def first_host(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as 'gpu[003-005,010],cpu1' (→ 'gpu003')."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise UserError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+    """First host of a SLURM hostlist ('gpu[003-005,010],cpu1' → 'gpu003'): where srun's task 0
+    runs (measured on a 3-node SLURM: the list is sorted, and tasks are placed in its order)."""
+    for item in _split_top_level(nodelist):
+        for host in _expand(item, nodelist):
+            return host
+    raise UserError(f"cannot parse the SLURM node list {nodelist!r}: it names no host")
+
+
+def _split_top_level(nodelist: str) -> list[str]:
+    """The comma-separated items of a hostlist; commas inside brackets separate ranges instead."""
+    items, depth, start = [], 0, 0
+    for index, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if depth not in (0, 1):
+            raise UserError(f"cannot parse the SLURM node list {nodelist!r}: unbalanced brackets")
+        if char == "," and depth == 0:
+            items.append(nodelist[start:index])
+            start = index + 1
+    if depth:
+        raise UserError(f"cannot parse the SLURM node list {nodelist!r}: unbalanced brackets")
+    items.append(nodelist[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+def _expand(item: str, nodelist: str) -> Iterator[str]:
+    """Hosts of one item, one at a time (first_host stops at the first)."""
+    parts = [part for part in re.split(r"(\[[^\]]*\])", item) if part]
+    choices: list[list[str]] = []
+    for part in parts:
+        if part.startswith("["):
+            choices.append(_range_values(part[1:-1], nodelist))
+        elif "[" in part or "]" in part:
+            raise UserError(f"cannot parse the SLURM node list {nodelist!r}")
+        else:
+            choices.append([part])
+    for combination in itertools.product(*choices):
+        yield "".join(combination)
+
+
+def _range_values(ranges: str, nodelist: str) -> list[str]:
+    """'01-03,7' → 01, 02, 03, 7: a range keeps the width of its lower bound, as SLURM pads."""
+    values = []
+    for piece in ranges.split(","):
+        low, _, high = piece.strip().partition("-")
+        if not low.isdigit() or not (high or low).isdigit() or int(high or low) < int(low):
+            raise UserError(f"cannot parse the SLURM node list {nodelist!r}: bad range {piece!r}")
+        values += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
+    return values
 
 
 def _int_env(name: str) -> int:
@@ -76,7 +124,10 @@ def detect() -> DistEnv:
             rank=_int_env("SLURM_PROCID"),
             world_size=_int_env("SLURM_STEP_NUM_TASKS"),
             local_rank=_int_env("SLURM_LOCALID") if "SLURM_LOCALID" in env else 0,
-            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            # Task 0 runs on the first node of the step, which is not the job's first node when
+            # srun uses part of the allocation (--relative, --nodelist).
+            master_addr=env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST")
+                                                             or env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
             # A port derived from the job id keeps two jobs on one node apart.
             master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
             launcher="slurm",
