@@ -126,7 +126,7 @@ def test_losing_rank_0_prints_one_line_and_exits_3(tmp_path: Path):
             process.wait()
     (_, quiet), (_, verbose) = outcomes
     assert [rank.returncode for rank in ranks] == [EXIT_RANK_LOST, EXIT_RANK_LOST]
-    assert quiet.startswith("bigssl: error: rank 0 (which hosts the rendezvous store) is unreachable: ")
+    assert quiet.startswith("bigssl: error: rank 0") and "which hosts the rendezvous store" in quiet, quiet
     assert quiet.count("\n") == 1, quiet
     assert "frame #" in verbose and verbose.splitlines()[-1] == quiet.strip()  # the dump bigssl now keeps out
 
