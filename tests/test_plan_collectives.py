@@ -23,7 +23,7 @@ def _counted(rank: int, world_size: int, out_dir: str) -> None:
     assert comm.world_size() == world_size
     env = DistEnv(rank=rank, world_size=world_size, local_rank=rank)
     results = {}
-    for engine_name, cases in ENGINE_CASES.items():
+    for engine_name, cases in ENGINE_CASES[world_size].items():
         for case in cases:
             config = case_config(case, engine_name)
             local = config.optim.batch_size // world_size
@@ -67,7 +67,7 @@ def _predicted(world_size: int) -> dict[str, dict]:
 
     predicted = {}
     traces = {}
-    for engine_name, cases in ENGINE_CASES.items():
+    for engine_name, cases in ENGINE_CASES[world_size].items():
         for case in cases:
             config = case_config(case, engine_name)
             if case not in traces:  # the method's collectives do not depend on the engine

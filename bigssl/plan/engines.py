@@ -166,13 +166,21 @@ def engine_memory(trace: Trace, engine: str, optimizer: str, precision: str) -> 
         peak = root + sum(sorted(unit_bytes)[-2:]) + (max(unit_bytes) if unit_bytes else 0)
         return Memory(shard, grad_shard, states * 4 * sum(fsdp_shard(p, world) for p in trainable), 0, buffers,
                       trace.activation_bytes, peak)
-    partition = ceil_div(sum(deepspeed_group_numel(sum(params[i].numel for i in g), world) for g in trace.groups),
-                         world)
-    optimizer_bytes = states * 4 * partition
+    grouped = {i for group in trace.groups for i in group}
     if engine in ("zero1", "zero2"):
-        grad_bytes = grads if engine == "zero1" else 4 * partition
-        return Memory(full, grad_bytes, optimizer_bytes, 4 * partition, buffers, trace.activation_bytes, 0)
+        # Each optimizer group is one flat buffer, padded; rank r owns the r-th 1/W of each. At
+        # both stages DeepSpeed 0.19 keeps only the owned part of the gradients between steps.
+        padded = [deepspeed_group_numel(sum(params[i].numel for i in group), world) for group in trace.groups]
+        partition = sum(padded) // world
+        flat = sum(n * params[g[0]].element_size for n, g in zip(padded, trace.groups, strict=True) if g)
+        others = sum(p.numel * p.element_size for i, p in enumerate(params) if i not in grouped)
+        return Memory(flat + others, 4 * partition, states * 4 * partition, 4 * partition, buffers,
+                      trace.activation_bytes, 0)
+    # ZeRO-3: every parameter cut into ⌈n/W⌉-element partitions; the gradient reduction bucket
+    # is allocated whole up front (engines/deepspeed_zero.ds_config sizes it).
+    bucket = int(min(5e8, max(1e6, sum(p.numel for p in params) // 16)))
     shards = sum(ceil_div(p.numel, world) * p.element_size for p in params)
-    grad_shards = sum(ceil_div(p.numel, world) * 4 for p in trainable)
-    master = 4 * partition if precision == "fp16" else 0  # fp32 masters share the parameters' storage
-    return Memory(shards, grad_shards, optimizer_bytes, master, buffers, trace.activation_bytes, full)
+    owned = sum(ceil_div(params[i].numel, world) for i in grouped)
+    master = 4 * owned if precision == "fp16" else 0  # fp32 masters share the parameters' storage
+    return Memory(shards, 4 * sum(ceil_div(p.numel, world) for p in trainable) + 4 * bucket, states * 4 * owned,
+                  master, buffers, trace.activation_bytes, full)
