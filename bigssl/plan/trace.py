@@ -33,13 +33,13 @@ IMAGENET_SAMPLES = 1_281_167  # the planner's dataset size when the recipe does 
 
 
 class _ReadValues(TorchDispatchMode):
-    """Meta tensors have no values; code that reads one (timm's drop-path rates, a memory bank's
-    bounds check, a queue pointer, whether NCE's normaliser is set yet) gets 1 for a float and 0
-    for an integer or a flag: the steady state of a run past its first steps. Only structure
-    depends on such values here (a drop-path module is there or not), never a shape."""
+    """Meta tensors have no values; code that reads one (a memory bank's bounds check, a queue
+    pointer, whether NCE's normaliser is set yet) gets 1 for a float and 0 for an integer or a
+    flag: the steady state of a run past its first steps. Real tensors (timm's drop-path rates,
+    made on the CPU) keep their values."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
             return 1.0 if args[0].dtype.is_floating_point else 0
         return func(*args, **(kwargs or {}))
 
