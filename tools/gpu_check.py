@@ -123,7 +123,7 @@ def table(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU, one gloo rank (CI)")
-    parser.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--out", default="runs/gpu_check", help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--budget", type=float, default=None, help="seconds in all (default: 450 GPU, 240 CPU)")
     args = parser.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()

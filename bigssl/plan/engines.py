@@ -85,18 +85,18 @@ def engine_collectives(trace: Trace, engine: str, precision: str) -> list[Collec
     elif engine in ("zero1", "zero2"):
         grads = sum(p.numel * p.element_size for p in trainable)
         calls.append(_c("all_reduce", grads, grads, "ZeRO: gradient reduction"))
-        calls += [_c("all_reduce", 4, 4, "ZeRO: gradient norm, per optimizer group")] * len(trace.groups)
+        calls += [_c("all_reduce", 4, 4, "ZeRO: gradient norm per group")] * len(trace.groups)
         for group in trace.groups:
             size = params[group[0]].element_size if group else 4
             padded = deepspeed_group_numel(sum(params[i].numel for i in group), world) * size
             if padded:
-                calls.append(_c("all_gather", padded // world, padded, "ZeRO: updated parameter partitions"))
+                calls.append(_c("all_gather", padded // world, padded, "ZeRO: updated partitions"))
     elif engine == "zero3":
         gathered = sum(ceil_div(p.numel, world) * p.element_size for p in params)
         calls.append(_c("all_gather", gathered, gathered * world, "ZeRO-3: parameters"))
         grads = sum(ceil_div(p.numel, world) * p.element_size for p in trainable)
         calls.append(_c("reduce_scatter", grads * world, grads, "ZeRO-3: gradients"))
-        calls += [_c("all_reduce", 8, 8, "ZeRO-3: gradient norm, per optimizer group")] * len(trace.groups)
+        calls += [_c("all_reduce", 8, 8, "ZeRO-3: gradient norm per group")] * len(trace.groups)
     else:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
     return calls

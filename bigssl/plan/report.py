@@ -169,8 +169,8 @@ def format_plan(p: Plan, config: Config | None = None) -> str:
     lines = [f"bigssl plan: {p.recipe} on {p.gpus} × {p.device.name} ({p.device.bf16_tflops:.0f} TFLOP/s bf16, "
              f"{p.device.memory_gb:.0f} GB); link {p.link_gbps:.0f} Gbit/s per GPU, {p.link}",
              f"per GPU: batch {p.local_batch}, {p.flops / 1e12:.2f} TFLOP per step (forward + backward, "
-             f"torch.utils.flop_counter), {len(p.trace.collectives)} collectives of the method's own"]
-    width = 38
+             f"torch.utils.flop_counter), {len(p.trace.collectives)} collective(s) of the method's own"]
+    width = 46
     header = f"{'':<{width}}" + "".join(f"{LABELS[e]:>10}" for e in p.engines)
     lines += ["", "collectives per step, MiB each GPU issues (payload)", header]
     purposes = []
@@ -186,7 +186,8 @@ def format_plan(p: Plan, config: Config | None = None) -> str:
                         if (_short(c.purpose), c.op) == (purpose, op))
             count = sum(1 for c in e.collectives if (_short(c.purpose), c.op) == (purpose, op))
             cells.append(f"{_mib(total)}{'' if count <= 1 else f' ×{count}'}" if count else "-")
-        lines.append(f"{(purpose + ' · ' + op)[:width - 1]:<{width}}" + "".join(f"{c:>10}" for c in cells))
+        label = f"{purpose} · {op.replace('_', '-')}"
+        lines.append(f"{label[:width - 1]:<{width}}" + "".join(f"{c:>10}" for c in cells))
     lines.append(f"{'on the wire, MiB (ring algorithms)':<{width}}"
                  + "".join(f"{_mib(e.wire_bytes):>10}" for e in p.engines.values()))
     lines += ["", "memory per GPU, GiB", header]
@@ -215,5 +216,5 @@ def _short(purpose: str) -> str:
     """'bigssl.methods.dino.DINO._update_center' → 'dino.DINO._update_center'."""
     for prefix in ("bigssl.methods.", "bigssl.losses.", "bigssl.distributed."):
         if purpose.startswith(prefix):
-            return purpose[len(prefix):]
+            return purpose[len(prefix):].replace("_GlobalBatchNormFn.", "")
     return purpose
