@@ -30,6 +30,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -40,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # this checkout's bigssl, installed or not
 
 import torch  # noqa: E402
+
+BUDGET_SIGNAL = signal.SIGUSR2  # sent to the main thread when a check's budget runs out
 
 
 class CheckTimeout(Exception):
@@ -67,8 +70,11 @@ class Report:
             self.checks.append({**entry, "status": "skipped", "reason": skip, "seconds": 0.0})
             return self.checks[-1]
         started = time.perf_counter()
-        previous = signal.signal(signal.SIGALRM, _alarm)
-        signal.alarm(max(1, int(budget)))
+        # Not SIGALRM: the data loader's stall deadline owns that timer and resets it per batch.
+        previous = signal.signal(BUDGET_SIGNAL, _alarm)
+        timer = threading.Timer(budget, signal.pthread_kill, (threading.main_thread().ident, BUDGET_SIGNAL))
+        timer.daemon = True
+        timer.start()
         try:
             details = fn()
             status = "pass" if details.pop("passed", True) else "fail"
@@ -79,8 +85,8 @@ class Report:
             entry.update(status="fail", reason=f"{type(err).__name__}: {str(err).strip()[:300]}",
                          traceback=traceback.format_exc()[-4000:])
         finally:
-            signal.alarm(0)
-            signal.signal(signal.SIGALRM, previous)
+            timer.cancel()
+            signal.signal(BUDGET_SIGNAL, previous)
         entry["seconds"] = round(time.perf_counter() - started, 1)
         self.checks.append(entry)
         print(f"gpu_check: {name}: {entry['status']} ({entry['seconds']} s){' — ' + entry.get('reason', '')}",
