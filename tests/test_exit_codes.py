@@ -128,7 +128,9 @@ def test_losing_rank_0_prints_one_line_and_exits_3(tmp_path: Path):
     assert [rank.returncode for rank in ranks] == [EXIT_RANK_LOST, EXIT_RANK_LOST]
     assert quiet.startswith("bigssl: error: rank 0") and "which hosts the rendezvous store" in quiet, quiet
     assert quiet.count("\n") == 1, quiet
-    assert "frame #" in verbose and verbose.splitlines()[-1] == quiet.strip()  # the dump bigssl now keeps out
+    # The dump bigssl now keeps out. (The socket's own words, reset or closed, vary with timing.)
+    last = verbose.splitlines()[-1]
+    assert "frame #" in verbose and last.startswith("bigssl: error: rank 0") and "rendezvous store" in last
 
 
 def _handles_sigterm(pid: int) -> bool:
