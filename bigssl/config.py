@@ -92,6 +92,10 @@ class ModelConfig:
     backbone_args: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
     small_stem: bool = False  # ResNets: 3×3 first conv and no max-pool, for 28–64 px inputs
     small_stem_stride: int = 1
+    # CNNs: average-pool the last feature map to g×g cells and concatenate them (g² × the
+    # channels) instead of one global average; 1 = timm's global average pool. Small images keep
+    # where things are: on 28 px Fashion-MNIST the 2×2 grid is what lets SimCLR beat raw pixels.
+    pool_grid: int = 1
     channels_last: bool = True
     projector: ProjectorConfig = field(default_factory=ProjectorConfig)
 

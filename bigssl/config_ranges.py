@@ -87,6 +87,7 @@ RANGES: dict[str, Bound] = {
     "data.views.patch": AT_LEAST_ONE,
     "data.views.patch_jitter": NON_NEGATIVE,
     "model.small_stem_stride": AT_LEAST_ONE,
+    "model.pool_grid": AT_LEAST_ONE,
     "model.projector.hidden_dim": AT_LEAST_ONE,
     "model.projector.out_dim": AT_LEAST_ONE,
     "model.projector.layers": AT_LEAST_ONE,

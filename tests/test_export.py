@@ -19,11 +19,11 @@ from torchvision import transforms
 import bigssl
 from bigssl import config as config_lib
 from bigssl.config import ModelConfig, ViewsConfig
-from bigssl.errors import UserError
+from bigssl.errors import ConfigError, UserError
 from bigssl.eval import hub, offline
 from bigssl.eval.export import save_backbone
 from bigssl.methods.cmc import SplitViewEncoder
-from bigssl.models.backbones import build_backbone
+from bigssl.models.backbones import GridPool, build_backbone
 
 FLOAT32 = {"rtol": 1e-5, "atol": 1e-6}
 TINY_VIT = {"img_size": 28, "patch_size": 7, "embed_dim": 32, "depth": 2, "num_heads": 2}
@@ -61,6 +61,7 @@ def test_small_stem_resnet_run_loads_from_its_folder_alone(resnet_run: Path):
     assert not (resnet_run / "backbone.safetensors").exists()  # the weights are written once
     config = json.loads((folder / "config.json").read_text())
     assert config["bigssl"]["loader"] == "bigssl.load_backbone" and config["bigssl"]["small_stem_stride"] == 2
+    assert config["bigssl"]["pool_grid"] == 2  # the quickstart's 2×2 readout
     # Why: stock timm builds a 7×7 conv1 from these model_args, and the 3×3 weights do not fit.
     with pytest.raises(RuntimeError, match="conv1.weight"):
         timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
@@ -69,6 +70,8 @@ def test_small_stem_resnet_run_loads_from_its_folder_alone(resnet_run: Path):
     assert type(loaded) is timm.models.resnet.ResNet
     assert loaded.conv1.kernel_size == (3, 3) and loaded.conv1.stride == (2, 2)
     assert isinstance(loaded.maxpool, torch.nn.Identity)
+    assert isinstance(loaded.global_pool, GridPool) and loaded.global_pool.grid == 2
+    assert loaded.num_features == 4 * loaded.layer4[-1].conv2.out_channels
     # Compared with the backbone rebuilt from the run's config.yaml and its last checkpoint.
     trained = offline.load_backbone(offline.locate(resnet_run), torch.device("cpu")).eval()
     images = torch.rand(4, 3, 28, 28)
@@ -143,3 +146,24 @@ def test_a_trunk_timm_has_no_model_for_is_written_as_one_file(tmp_path: Path):
     assert written.keys() == trunk.state_dict().keys()
     assert all(torch.equal(written[k], v) for k, v in trunk.state_dict().items())
     assert not (tmp_path / "backbone").exists()
+
+
+def test_grid_pool_concatenates_the_mean_of_each_cell():
+    """model.pool_grid=2 on a 4×4 last map: each channel's four 2×2 quadrant means, channel-major
+    (the flatten of a (C, 2, 2) map), written out by hand."""
+    model = build_backbone(ModelConfig(backbone="resnet18", pool_grid=2, channels_last=False,
+                                       backbone_args={"channels": [8, 8, 8, 8]})).eval()
+    images = torch.rand(3, 3, 128, 128)
+    with torch.no_grad():
+        last = model.forward_features(images)
+        assert last.shape[-2:] == (4, 4)
+        quadrants = [last[:, :, r:r + 2, c:c + 2].mean(dim=(2, 3)) for r in (0, 2) for c in (0, 2)]
+        expected = torch.stack(quadrants, dim=2).flatten(1)  # (B, C, 4 cells) → channel-major
+        torch.testing.assert_close(model(images), expected, **FLOAT32)
+    assert model.num_features == 8 * 4
+
+
+def test_grid_pool_is_refused_where_there_is_no_average_global_pool():
+    with pytest.raises(ConfigError, match="model.pool_grid"):
+        build_backbone(ModelConfig(backbone="vit_tiny_patch16_224", pool_grid=2,
+                                   backbone_args={"img_size": 28, "patch_size": 7}))

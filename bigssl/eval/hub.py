@@ -6,12 +6,14 @@ from its `model_args` and reads the evaluation transform (input size, mean/std, 
 resize-then-centre-crop as `crop_pct`) from its `pretrained_cfg`, and the folder can be pushed to
 the Hugging Face hub unchanged.
 
-One bigssl architecture has no timm form: the small ResNet stem (`model.small_stem`, a single 3×3
-conv1 with no max-pool). timm 1.0.31's ResNet builds conv1 as a 7×7 stride-2 conv or a
-three-conv "deep" stem and always follows it with a pooling layer (or, with `replace_stem_pool`,
-a stride-2 conv); no constructor argument removes both. Such folders say so in config.json
+Two bigssl architecture options have no timm form. The small ResNet stem (`model.small_stem`, a
+single 3×3 conv1 with no max-pool): timm 1.0.31's ResNet builds conv1 as a 7×7 stride-2 conv or
+a three-conv "deep" stem and always follows it with a pooling layer (or, with
+`replace_stem_pool`, a stride-2 conv); no constructor argument removes both. And the grid readout
+(`model.pool_grid`: the last map average-pooled to g×g and flattened): timm's `global_pool`
+choices are global (avg, max, avgmax, catavgmax) or none. Such folders say so in config.json
 (`bigssl.loader`) and load with `bigssl.load_backbone(DIR)`, which returns the plain timm ResNet
-with its stem swapped, exactly as training built it.
+with its stem and pool swapped, exactly as training built it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import nn
 from bigssl import files
 from bigssl.config import ModelConfig, ViewsConfig
 from bigssl.errors import UserError
-from bigssl.models.backbones import build_backbone, use_small_stem
+from bigssl.models.backbones import build_backbone, use_grid_pool, use_small_stem
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -88,6 +90,22 @@ def reference_model(model: ModelConfig, state: dict[str, torch.Tensor]) -> nn.Mo
     return reference
 
 
+def bigssl_loader_entries(model: ModelConfig) -> dict[str, Any]:
+    """config.json's `bigssl` section: which loader rebuilds the backbone, and what it re-applies."""
+    extra: dict[str, Any] = {"loader": "timm"}
+    why = []
+    if model.small_stem:
+        extra["small_stem_stride"] = model.small_stem_stride
+        why.append("a 3x3 conv1 without max-pool has no timm ResNet argument")
+    if model.pool_grid > 1:
+        extra["pool_grid"] = model.pool_grid
+        why.append(f"average-pooling the last map to {model.pool_grid}x{model.pool_grid} and flattening it "
+                   f"has no timm global_pool argument")
+    if why:
+        extra.update(loader="bigssl.load_backbone", why="; ".join(why))
+    return extra
+
+
 def write_folder(state: dict[str, torch.Tensor], model: ModelConfig, views: ViewsConfig, folder: Path) -> str:
     """Write `state` (the backbone's weights, timm's names) and its config into `folder`; returns
     the line that loads it. Each file is written under a temporary name and renamed over the
@@ -95,11 +113,7 @@ def write_folder(state: dict[str, torch.Tensor], model: ModelConfig, views: View
     reference = reference_model(model, state)
     # The reference is a private copy: editing its pretrained_cfg changes nothing the run uses.
     reference.pretrained_cfg = {k: v for k, v in reference.pretrained_cfg.items() if k not in SOURCE_ONLY}
-    if model.small_stem:
-        extra = {"loader": "bigssl.load_backbone", "small_stem_stride": model.small_stem_stride,
-                 "why": "a 3x3 conv1 without max-pool has no timm ResNet argument"}
-    else:
-        extra = {"loader": "timm"}
+    extra = bigssl_loader_entries(model)
     extra["load"] = load_line("<this folder>", {"bigssl": extra})
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{folder}: exists and is not a directory (a .safetensors path writes one file)")
@@ -130,7 +144,8 @@ def write_folder(state: dict[str, torch.Tensor], model: ModelConfig, views: View
 def load_backbone(folder: str | Path) -> nn.Module:
     """The backbone of an exported folder as a plain timm model, whichever loader it needs:
     timm's own `local-dir:` loader where timm can express the architecture, otherwise (the small
-    ResNet stem) the timm model rebuilt from config.json's `model_args` with bigssl's stem. Its
+    ResNet stem, the grid pool) the timm model rebuilt from config.json's `model_args` with
+    bigssl's stem and pool. Its
     `pretrained_cfg` is the folder's, so `timm.data.resolve_data_config(model=m)` and
     `timm.data.create_transform` give the run's evaluation transform. Returned in training mode,
     as timm returns models: call `.eval()` before extracting features."""
@@ -143,12 +158,16 @@ def load_backbone(folder: str | Path) -> nn.Module:
         raise UserError(f"{folder / CONFIG}: not valid JSON ({err})") from None
     if not (folder / WEIGHTS).is_file():
         raise UserError(f"{folder}: no {WEIGHTS}")
-    stride = config.get("bigssl", {}).get("small_stem_stride")
-    if stride is None:
+    entries = config.get("bigssl", {})
+    stride, grid = entries.get("small_stem_stride"), entries.get("pool_grid")
+    if stride is None and grid is None:
         return timm.create_model(f"local-dir:{folder}", pretrained=True, num_classes=0)
     pretrained_cfg, architecture, model_args = load_model_config_from_path(folder)
     model = timm.create_model(architecture, pretrained=False, **model_args)
-    use_small_stem(model, int(stride))
+    if stride is not None:
+        use_small_stem(model, int(stride))
+    if grid is not None:
+        use_grid_pool(model, int(grid))
     model.load_state_dict(load_file(folder / WEIGHTS))
     model.pretrained_cfg = pretrained_cfg
     return model
