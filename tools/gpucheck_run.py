@@ -124,9 +124,9 @@ def _speed_checks(report, profiles, config, device, cpu: bool, peak, workers: in
             if compiled and f"train-{profile.name}" in measured:
                 eager = measured[f"train-{profile.name}"]["losses"][0]
                 result["first_window_loss_vs_eager"] = abs(result["losses"][0] - eager) / max(1e-6, abs(eager))
-                return {"passed": all(map(_finite, result["losses"])) and result["first_window_loss_vs_eager"] < 0.05,
-                        **result}
-            return {"passed": all(map(_finite, result["losses"])), **result}
+                return {"passed": all(map(_finite, result["losses"])) and result["torch_linear"]
+                        and result["first_window_loss_vs_eager"] < 0.05, **result}
+            return {"passed": all(map(_finite, result["losses"])) and result["torch_linear"], **result}
 
         report.run(f"train: {profile.name} batch {batch}, {workers} workers", 60 if cpu else 75, run)
         _free(device)

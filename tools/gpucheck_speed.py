@@ -33,7 +33,9 @@ def trainer_run(config: Config, device: torch.device, skip_windows: int) -> dict
     result = {"images_per_s": sum(r["images_per_s"] for r in kept) / len(kept),
               "data_wait_fraction": sum(r["data_wait_fraction"] for r in kept) / len(kept),
               "losses": [r["loss"] for r in records], "windows": len(records), "windows_kept": len(kept),
-              "run_seconds": round(seconds, 1)}
+              "run_seconds": round(seconds, 1),
+              # torch's own linear, as a user's DDP run has (not DeepSpeed's ZeRO-3 replacement)
+              "torch_linear": torch.nn.functional.linear is torch._C._nn.linear}
     if device.type == "cuda":
         result["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         torch.cuda.empty_cache()

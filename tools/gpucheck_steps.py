@@ -36,7 +36,20 @@ def real_batch(config: Config, device: torch.device, local_batch: int) -> dict[s
 
 def train_steps(config: Config, batch: dict[str, Any], device: torch.device, steps: int) -> dict[str, Any]:
     """`steps` steps of config's method on `batch` under config's engine, from the seed's initial
-    weights, the trainer's order (lr, forward, backward, step, EMA, after_step)."""
+    weights, the trainer's order (lr, forward, backward, step, EMA, after_step).
+
+    torch.nn.functional.linear is put back afterwards: DeepSpeed's ZeRO-3 replaces it for the
+    rest of the process with its own autograd.Function (memory_efficient_linear), and every later
+    check (FSDP2's step, the Trainer's and the bare loop's throughput, the compiled run) would run
+    that instead of torch's linear, as no DDP or FSDP2 run of a user's does."""
+    linear = torch.nn.functional.linear
+    try:
+        return _train_steps(config, batch, device, steps)
+    finally:
+        torch.nn.functional.linear = linear
+
+
+def _train_steps(config: Config, batch: dict[str, Any], device: torch.device, steps: int) -> dict[str, Any]:
     steps_per_epoch = 100
     torch.manual_seed(config.seed)
     method = build_method(config)

@@ -16,6 +16,7 @@ keeps). Every loss here casts to float32 before it gathers, so collective sizes 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 
@@ -44,7 +45,8 @@ class _ReadValues(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-_LOW_PRECISION_OPS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.matmul, torch.mm,
+_TORCH_LINEAR = torch._C._nn.linear  # what torch.nn.functional.linear is, unless something replaced it
+_LOW_PRECISION_OPS = {_TORCH_LINEAR, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose2d, torch.matmul, torch.mm,
                       torch.bmm, torch.addmm, torch.baddbmm, torch.einsum, F.scaled_dot_product_attention,
                       torch.Tensor.matmul, torch.Tensor.__matmul__}
 
@@ -56,14 +58,19 @@ class _LowPrecisionMatmuls(TorchFunctionMode):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
-        self.weights: dict[int, torch.Tensor] = {}  # one cast per leaf (autocast's weight cache)
+        # One cast per weight (autocast's weight cache), kept beside the weight itself: an id is
+        # unique only while its object lives.
+        self.weights: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _cast(self, x):
         if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
-            if x.is_leaf and x.requires_grad:
+            # autocast's rule for its cache: a leaf that requires grad and is no view. A view of a
+            # weight made under no_grad (a custom autograd.Function's `weight.t()`) is such a leaf
+            # too, but a temporary: its id is reused by the next one, of another shape.
+            if x.is_leaf and x.requires_grad and x._base is None:
                 if id(x) not in self.weights:
-                    self.weights[id(x)] = x.to(self.dtype)
-                return self.weights[id(x)]
+                    self.weights[id(x)] = (x, x.to(self.dtype))
+                return self.weights[id(x)][1]
             return x.to(self.dtype)
         if isinstance(x, list | tuple):
             return type(x)(self._cast(y) for y in x)
@@ -74,6 +81,21 @@ class _LowPrecisionMatmuls(TorchFunctionMode):
         if func in _LOW_PRECISION_OPS:
             args, kwargs = self._cast(args), {k: self._cast(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _torch_linear():
+    """torch's own F.linear for the trace's length. DeepSpeed's ZeRO-3 replaces
+    torch.nn.functional.linear for the rest of the process with its autograd.Function
+    (zero3_linear_wrap: memory_efficient_linear), which saves the float32 input where torch's
+    saves the cast one, so a trace after a ZeRO-3 engine in the same process would count other
+    activations than `bigssl plan` alone does."""
+    current = F.linear
+    F.linear = _TORCH_LINEAR
+    try:
+        yield
+    finally:
+        F.linear = current
 
 
 def view_shapes(config: Config) -> list[tuple[int, int, int, int]]:
@@ -140,7 +162,7 @@ def trace(config: Config, world_size: int, samples: int | None = None, step: int
     step = 2 * steps_per_epoch if step is None else step
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
     calls: list[Collective] = []
-    with torch.device("meta"), _ReadValues(), comm.simulated(world_size, calls.append):
+    with _torch_linear(), torch.device("meta"), _ReadValues(), comm.simulated(world_size, calls.append):
         torch.manual_seed(config.seed)
         method = build_method(config)
         method.configure_schedule(steps_per_epoch, config.optim.epochs * steps_per_epoch)
