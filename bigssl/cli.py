@@ -121,6 +121,17 @@ def _shards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import json
+
+    from bigssl.plan.report import format_plan, plan
+
+    result = plan(args.recipe, args.gpus, args.gpu, args.link_gbps, args.overrides, args.samples,
+                  cache=not args.no_cache)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else format_plan(result))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="bigssl", description="Self-supervised visual pretraining at scale.")
     # The deepspeed launcher passes --local_rank=N before the command (it sets LOCAL_RANK too).
@@ -189,6 +200,21 @@ def parser() -> argparse.ArgumentParser:
                         help="a folder (config.json + model.safetensors, timm's hub layout; needs the run's "
                              "config.yaml), or a path ending in .safetensors for the weights alone")
     export.set_defaults(run=_export)
+
+    plan = commands.add_parser("plan", help="capacity plan of a recipe at N GPUs: collectives, memory and a step-time "
+                                            "lower bound per engine, and which engine fits")
+    plan.add_argument("recipe", help="recipe YAML file")
+    plan.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) in the job, e.g. 8 to 1024")
+    plan.add_argument("--gpu", choices=("h100", "a100", "h200"), default="h100", help="datasheet to plan with")
+    plan.add_argument("--link-gbps", type=float, default=None, metavar="B",
+                      help="per-GPU link bandwidth, Gbit/s (default: NVLink within one node of 8, else the "
+                           "GPU's network adapter)")
+    plan.add_argument("--samples", type=int, default=None, help="training set size (default: data.samples_per_epoch, "
+                                                                 "else ImageNet-1k's 1,281,167)")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument("--no-cache", action="store_true", help="trace the step again instead of reusing the cache")
+    plan.set_defaults(run=_plan)
     return root
 
 

@@ -47,7 +47,8 @@ def live_storages() -> dict[int, int]:
     return found
 
 
-def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
+def _measure(rank: int, model: str, engine: str, port: int, out: str, overrides: tuple[str, ...] = (),
+             side: int = 224) -> None:
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "GLOO_SOCKET_IFNAME": "lo"})
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -64,12 +65,12 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
     assert comm.world_size() == 2, f"rank {rank} sees world size {comm.world_size()}"
     config = config_lib.load(None, [f"method.name={FEATURES_METHOD}", f"model.backbone={model}",
                                     "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
-                                    "optim.batch_size=2", *ENGINES[engine]])
+                                    "optim.batch_size=2", *ENGINES[engine], *overrides])
     torch.manual_seed(0)
     method = build(config)
     engine_ = build_engine(config, dist_env, torch.device("cpu"))
     engine_.setup(method, lambda module: build_optimizer(module, config.optim))
-    batch = {"views": [torch.rand(1, 1, 3, 224, 224)]}
+    batch = {"views": [torch.rand(1, 1, 3, side, side)]}
     for step in range(2):  # the first step makes every lazy buffer; measure after the second backward
         loss = engine_.forward(batch, step)["loss"]
         engine_.backward(loss)
@@ -111,7 +112,9 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
     os._exit(0)  # torch + gloo can abort in exit handlers after all work is done
 
 
-def measure(model: str, engine: str) -> dict[str, int]:
+def measure(model: str, engine: str, overrides: tuple[str, ...] = (), side: int = 224) -> dict[str, int]:
+    """Bytes per kind on rank 0 of 2; `overrides` (config keys) and `side` (image size) make the
+    model small enough for a test (tests/test_plan_memory.py)."""
     from socket import socket
 
     with socket() as sock:
@@ -119,7 +122,7 @@ def measure(model: str, engine: str) -> dict[str, int]:
         port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.spawn(_measure, args=(model, engine, port, out), nprocs=2, join=True)
+        mp.spawn(_measure, args=(model, engine, port, out, tuple(overrides), side), nprocs=2, join=True)
         return json.loads(Path(out).read_text())
 
 

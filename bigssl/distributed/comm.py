@@ -2,9 +2,20 @@
 
 Every helper is a no-op (identity) when no process group is up, so the same code runs in one
 process and in many.
+
+`simulated(world_size)` makes one process act as rank 0 of `world_size` ranks without any
+process group: every collective returns a tensor of the shape and dtype the real one would
+(gathers repeat the local rows; reductions leave values as they are) and is recorded, backward
+included. The capacity planner (bigssl/plan) runs a method's step on meta tensors this way to
+learn which collectives it makes, of what size, at any world size.
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -14,7 +25,61 @@ import torch.distributed as dist
 # all_gather_into_tensor ↦ reduce_scatter SUM, all_reduce SUM ↦ all_reduce SUM.
 import torch.distributed._functional_collectives as funcol
 
+from bigssl.distributed.collective import Collective
+
 _cpu_group: dist.ProcessGroup | None = None  # gloo group for CPU-side collectives under NCCL
+
+
+@dataclass
+class _Simulation:
+    world_size: int
+    record: Callable[[Collective], None]
+
+
+_simulation: _Simulation | None = None
+
+
+@contextlib.contextmanager
+def simulated(world_size: int, record: Callable[[Collective], None]) -> Iterator[None]:
+    """Act as rank 0 of `world_size` ranks, with no process group: see the module docstring."""
+    global _simulation
+    if is_distributed():
+        raise RuntimeError("comm.simulated: a process group is up; simulate in a process without one")
+    previous, _simulation = _simulation, _Simulation(world_size, record)
+    try:
+        yield
+    finally:
+        _simulation = previous
+
+
+def _caller() -> str:
+    """The first function outside this module on the stack: what a simulated collective is for."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    if frame is None:
+        return ""
+    return f"{frame.f_globals.get('__name__', '?')}.{frame.f_code.co_qualname}"
+
+
+def _note(op: str, x: torch.Tensor, out_bytes: int, group: str = "world", purpose: str = "") -> None:
+    size = x.numel() * x.element_size()
+    _simulation.record(Collective(op, size, out_bytes if out_bytes >= 0 else size, group, purpose or _caller()))
+
+
+def _noted_backward(out: torch.Tensor, op: str, purpose: str) -> torch.Tensor:
+    """Record the collective that the backward of a differentiable gather or sum makes, when
+    (and only if) a gradient arrives."""
+    if out.requires_grad:
+        world = _simulation.world_size
+
+        def hook(grad: torch.Tensor) -> None:
+            size = grad.numel() * grad.element_size()
+            _simulation.record(Collective(op, size, size // world if op == "reduce_scatter" else size, "world",
+                                          purpose + " (backward)"))
+
+        out.register_hook(hook)
+    return out
 
 
 def set_cpu_group(group: dist.ProcessGroup | None) -> None:
@@ -24,14 +89,20 @@ def set_cpu_group(group: dist.ProcessGroup | None) -> None:
 
 
 def is_distributed() -> bool:
+    if _simulation is not None:
+        return _simulation.world_size > 1
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
+    if _simulation is not None:
+        return _simulation.world_size
     return dist.get_world_size() if is_distributed() else 1
 
 
 def rank() -> int:
+    if _simulation is not None:
+        return 0
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -45,6 +116,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
+    if _simulation is not None:
+        purpose = _caller()
+        _note("all_gather", x, x.numel() * x.element_size() * world_size(), purpose=purpose)
+        return _noted_backward(torch.cat([x] * world_size()), "reduce_scatter", purpose)
     gathered = funcol.all_gather_single_autograd(x.contiguous(), 0, dist.group.WORLD)
     return funcol.wait_tensor(gathered)  # a plain tensor, not an AsyncCollectiveTensor, for the caller
 
@@ -53,6 +128,9 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks along dim 0 with no gradient (keys, queue entries, features)."""
     if not is_distributed():
         return x.detach()
+    if _simulation is not None:
+        _note("all_gather", x, x.numel() * x.element_size() * world_size())
+        return torch.cat([x.detach()] * world_size())
     parts = [torch.empty_like(x) for _ in range(world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     return torch.cat(parts, dim=0)
@@ -78,7 +156,7 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x.detach()
     out = x.detach().clone()
-    dist.all_reduce(out)
+    _all_reduce_(out)
     return out / world_size()
 
 
@@ -89,6 +167,10 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     engine's average over ranks brings it back to exactly the single-process gradient."""
     if not is_distributed():
         return x
+    if _simulation is not None:
+        purpose = _caller()
+        _note("all_reduce", x, -1, purpose=purpose)
+        return _noted_backward(x.clone(), "all_reduce", purpose)
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD))
 
 
@@ -97,7 +179,7 @@ def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x.detach()
     out = x.detach().clone()
-    dist.all_reduce(out)
+    _all_reduce_(out)
     return out
 
 
@@ -105,7 +187,7 @@ def all_reduce_max_no_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x.detach()
     out = x.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    _all_reduce_(out, dist.ReduceOp.MAX)
     return out
 
 
@@ -114,7 +196,7 @@ def all_reduce_sum_cpu(x: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return x.clone()
     out = x.detach().clone()
-    dist.all_reduce(out, group=_cpu_group)
+    _all_reduce_(out, cpu=True)
     return out
 
 
@@ -123,7 +205,7 @@ def all_agree(flag: bool) -> bool:
     if not is_distributed():
         return flag
     value = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
+    _all_reduce_(value, dist.ReduceOp.MIN, cpu=True)
     return bool(value.item())
 
 
@@ -133,20 +215,22 @@ def agree(every: bool, some: bool) -> tuple[bool, bool]:
     if not is_distributed():
         return every, some
     value = torch.tensor([1 if every else 0, 0 if some else 1], dtype=torch.int32)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN, group=_cpu_group)
+    _all_reduce_(value, dist.ReduceOp.MIN, cpu=True)
     return bool(value[0]), not bool(value[1])
 
 
 def all_gather_object(obj: object) -> list[object]:
     if not is_distributed():
         return [obj]
+    if _simulation is not None:  # objects travel only at log and checkpoint steps: not recorded
+        return [obj] * world_size()
     out: list[object] = [None] * world_size()
     dist.all_gather_object(out, obj, group=_cpu_group)
     return out
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:
-    if not is_distributed():
+    if not is_distributed() or _simulation is not None:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -161,7 +245,7 @@ def broadcast_norm_statistics(module: torch.nn.Module) -> None:
     on one rank and the val set on another scores no one network, and a checkpoint would hold
     statistics the exported backbone does not. Other buffers (queues, banks, centres) are kept
     equal by the methods that own them."""
-    if not is_distributed():
+    if not is_distributed() or _simulation is not None:
         return
     for layer in module.modules():
         if isinstance(layer, torch.nn.modules.batchnorm._NormBase) and layer.track_running_stats:
@@ -171,5 +255,14 @@ def broadcast_norm_statistics(module: torch.nn.Module) -> None:
 
 
 def barrier() -> None:
-    if is_distributed():
+    if is_distributed() and _simulation is None:
         dist.barrier()
+
+
+def _all_reduce_(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, cpu: bool = False) -> None:
+    """In place over every rank (`cpu`: through the CPU-side group); under simulation the values
+    stay as they are and the call is recorded."""
+    if _simulation is not None:
+        _note("all_reduce", x, -1, "cpu" if cpu else "world")
+        return
+    dist.all_reduce(x, op=op, group=_cpu_group if cpu else None)

@@ -51,6 +51,26 @@ def init(env: DistEnv, backend: str = "auto", timeout_s: float = 1800.0, dead_ra
     return backend
 
 
+_alone = False  # a one-rank group started by init_alone
+
+
+def init_alone(backend: str) -> None:
+    """A process group of this process alone, on `backend`, so that a check on one machine runs
+    the collectives' real code path (tools/gpu_check.py: NCCL on one GPU, gloo on a CPU): the DDP
+    engine then wraps the method as it does for many ranks. Runs never start one."""
+    global _alone, _joined
+    if dist.is_initialized():
+        raise RuntimeError("init_alone: a process group is already up")
+    if backend == "nccl":
+        torch.cuda.set_device(0)
+    dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    _alone = _joined = True
+
+
+def alone_in_group() -> bool:
+    return _alone and dist.is_initialized()
+
+
 def lost_ranks(error: BaseException) -> str | None:
     """After `error` in a distributed run: which ranks went silent, if any (a failed collective
     names no rank). Waits a few heartbeats; None for errors that are the user's or the run's own."""
@@ -60,11 +80,13 @@ def lost_ranks(error: BaseException) -> str | None:
 
 
 def shutdown(clean: bool = True) -> None:
-    """Leave the process group `init` joined; `clean=False` skips the barrier (another rank may
-    be gone). A group someone else made (an engine's private one-rank group, a caller's) is left
-    alone: libraries that cached it (DeepSpeed does) would otherwise hold a destroyed group."""
-    global _joined
+    """Leave the process group `init` (or `init_alone`) joined; `clean=False` skips the barrier
+    (another rank may be gone). A group someone else made (an engine's private one-rank group, a
+    caller's) is left alone: libraries that cached it (DeepSpeed does) would otherwise hold a
+    destroyed group."""
+    global _joined, _alone
     watchdog.stop(finished=clean)
+    _alone = False
     if dist.is_initialized() and _joined:
         if clean:
             dist.barrier()

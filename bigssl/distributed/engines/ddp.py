@@ -11,6 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bigssl.distributed.engines.base import Engine
 from bigssl.distributed.engines.safe_load import load_tensors
+from bigssl.distributed.env import alone_in_group
 from bigssl.methods.base import Batch, Method
 
 STATE_FILE = "state.pt"
@@ -22,7 +23,7 @@ class DDPEngine(Engine):
         self.prepare(method)
         self.method = method
         self.optimizer = optimizer_factory(method)
-        if self.env.distributed:
+        if self.env.distributed or alone_in_group():
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             if names := method.synchronised_buffers():
                 DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(method, names)
