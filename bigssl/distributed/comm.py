@@ -92,12 +92,13 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD))
 
 
-def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with no gradient (Sinkhorn marginals, centres, statistics)."""
+def all_reduce_sum_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of `group` (all of them by default) with no gradient (Sinkhorn
+    marginals, centres, statistics, LARS's partial norms under ZeRO)."""
     if not is_distributed():
         return x.detach()
     out = x.detach().clone()
-    dist.all_reduce(out)
+    dist.all_reduce(out, group=group)
     return out
 
 
