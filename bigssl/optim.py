@@ -6,6 +6,9 @@ LARS, no trust-ratio adaptation: the convention of SimCLR, BYOL, Barlow Twins an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -45,6 +48,28 @@ def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
     return sorted(groups, key=lambda g: (order.get(g["name"], 2), g["name"]))
 
 
+@dataclass(frozen=True)
+class Segment:
+    """Where one parameter's elements lie in a flat partition: `numel` of them from `offset`.
+    `index` is the parameter's place in its group, the same on every rank."""
+
+    offset: int
+    numel: int
+    index: int
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """What LARS needs to step one flat partition of many parameters (DeepSpeed ZeRO's) as if it
+    held whole tensors: the segments of this rank's partition, the number of parameters in the
+    group (the length of the partial norms every rank reduces), and the sum over the ranks that
+    hold the group's other partitions (from bigssl.distributed)."""
+
+    segments: tuple[Segment, ...]
+    params: int
+    sum_over_ranks: Callable[[torch.Tensor], torch.Tensor]
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al. 2017), in one of two rules.
 
@@ -59,6 +84,13 @@ class LARS(torch.optim.Optimizer):
 
     Then, for both: μ ← m·μ + u (μ = u at the first step, as torch's SGD), w ← w − lr·μ.
     Groups with `lars_adapt=False` reduce to momentum SGD with weight decay.
+
+    The norms are always those of each whole parameter tensor, as in the official code. Under DDP
+    the optimizer holds whole tensors; under FSDP2 DTensor shards, whose norms DTensor reduces
+    over the ranks itself. DeepSpeed ZeRO hands the optimizer one flat fp32 partition per group
+    (per sub-group at stage 3) instead: the engine describes each with `set_flat_layout`, and
+    the step then sums each parameter's squares over its fragments on every rank (one
+    all-reduce of a vector per partition), so each fragment gets its whole tensor's trust ratio.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
@@ -68,6 +100,26 @@ class LARS(torch.optim.Optimizer):
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "eta": eta,
                     "lars_adapt": True, "rule": rule}
         super().__init__(params, defaults)
+        # id(flat partition) → (the partition, its layout); the tensor is kept so the id stays its own
+        self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
+
+    def set_flat_layout(self, flat: torch.Tensor, layout: FlatLayout) -> None:
+        """Step `flat` (a 1-D tensor this optimizer holds) as the parameter fragments `layout` names."""
+        for segment in layout.segments:
+            if not (0 <= segment.offset <= segment.offset + segment.numel <= flat.numel()
+                    and 0 <= segment.index < layout.params):
+                raise ValueError(f"LARS.set_flat_layout: {segment} lies outside a partition of "
+                                 f"{flat.numel()} elements and {layout.params} parameters")
+        self._layouts[id(flat)] = (flat, layout)
+
+    def _layout(self, param: torch.Tensor) -> FlatLayout | None:
+        entry = self._layouts.get(id(param))
+        if entry is not None and entry[0] is param:
+            return entry[1]
+        if self._layouts:  # under ZeRO every tensor here is a flat partition: a norm of one is wrong
+            raise RuntimeError(f"LARS: a tensor of {param.numel()} elements with no flat layout, beside "
+                               f"{len(self._layouts)} flat partitions that have one")
+        return None
 
     @torch.no_grad()
     def step(self, closure=None):  # type: ignore[override]
@@ -76,7 +128,9 @@ class LARS(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                update = _update(param, param.grad, group)
+                layout = self._layout(param)
+                update = (_update(param, param.grad, group) if layout is None
+                          else _flat_update(param, param.grad, group, layout))
                 state = self.state[param]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.clone(update).detach()
@@ -88,20 +142,72 @@ class LARS(torch.optim.Optimizer):
 
 def _update(param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
     """The gradient with weight decay and trust ratio applied, per the group's rule."""
-    weight_decay, eta = group["weight_decay"], group["eta"]
-    decayed = grad.add(param, alpha=weight_decay) if weight_decay else grad
+    decayed = _decayed(param, grad, group)
     if not group["lars_adapt"]:
         return decayed
-    param_norm = torch.linalg.vector_norm(param)
-    if group.get("rule", "lars") == "larc":
-        grad_norm = torch.linalg.vector_norm(grad)
-        both = (param_norm > 0) & (grad_norm > 0)
-        trust = eta * param_norm / (grad_norm + weight_decay * param_norm + 1e-8)
-        return torch.where(both, decayed * trust, grad)
-    update_norm = torch.linalg.vector_norm(decayed)
-    trust = torch.where((param_norm > 0) & (update_norm > 0), eta * param_norm / update_norm,
-                        torch.ones_like(param_norm))
-    return decayed.mul(trust)
+    measured = grad if _is_larc(group) else decayed
+    trust, applies = _trust_ratio(torch.linalg.vector_norm(param), torch.linalg.vector_norm(measured), group)
+    return _adapted(decayed, grad, trust, applies, group)
+
+
+def _flat_update(flat: torch.Tensor, grad: torch.Tensor, group: dict, layout: FlatLayout) -> torch.Tensor:
+    """`_update` of every parameter fragment in a flat partition, each by its whole tensor's
+    norms. Elements outside every segment (DeepSpeed's alignment padding) get the plain decayed
+    gradient: no parameter reads them."""
+    decayed = _decayed(flat, grad, group)
+    if not group["lars_adapt"] or not layout.params:
+        return decayed
+    measured = grad if _is_larc(group) else decayed
+    # Partial sums of squares, one row per tensor, summed over ranks: ‖w‖² and ‖g‖² (or ‖u‖²).
+    squares = layout.sum_over_ranks(_partial_squares(flat, measured, layout))
+    trust, applies = _trust_ratio(squares[0].sqrt(), squares[1].sqrt(), group)
+    update = decayed.clone()  # decayed may be the gradient itself (no weight decay)
+    for segment in layout.segments:
+        piece = slice(segment.offset, segment.offset + segment.numel)
+        update[piece] = _adapted(decayed[piece], grad[piece], trust[segment.index], applies[segment.index], group)
+    return update
+
+
+def _partial_squares(flat: torch.Tensor, measured: torch.Tensor, layout: FlatLayout) -> torch.Tensor:
+    """[2, params]: this rank's Σw² and Σm² of each parameter's fragments (zero where it has none)."""
+    squares = flat.new_zeros((2, layout.params))
+    if not layout.segments:  # a rank holding only padding still joins the all-reduce
+        return squares
+    index = torch.tensor([s.index for s in layout.segments], device=flat.device)
+    for row, values in enumerate((flat, measured)):
+        norms = torch.stack([torch.linalg.vector_norm(values.narrow(0, s.offset, s.numel))
+                             for s in layout.segments])
+        squares[row].index_add_(0, index, norms.square())
+    return squares
+
+
+def _decayed(param: torch.Tensor, grad: torch.Tensor, group: dict) -> torch.Tensor:
+    weight_decay = group["weight_decay"]
+    return grad.add(param, alpha=weight_decay) if weight_decay else grad
+
+
+def _is_larc(group: dict) -> bool:
+    return group.get("rule", "lars") == "larc"
+
+
+def _trust_ratio(param_norm: torch.Tensor, measured_norm: torch.Tensor,
+                 group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(trust ratio, whether it applies) from whole-tensor norms, one tensor or many at once:
+    ‖w‖ and, for "lars", ‖g + wd·w‖, for "larc", ‖g‖."""
+    weight_decay, eta = group["weight_decay"], group["eta"]
+    applies = (param_norm > 0) & (measured_norm > 0)
+    if _is_larc(group):
+        return eta * param_norm / (measured_norm + weight_decay * param_norm + 1e-8), applies
+    return eta * param_norm / measured_norm, applies
+
+
+def _adapted(decayed: torch.Tensor, grad: torch.Tensor, trust: torch.Tensor, applies: torch.Tensor,
+             group: dict) -> torch.Tensor:
+    """The update where the trust ratio applies; elsewhere LARC falls back to the bare gradient
+    and LARS to the decayed one (a ratio of 1)."""
+    if _is_larc(group):
+        return torch.where(applies, decayed * trust, grad)
+    return decayed.mul(torch.where(applies, trust, torch.ones_like(trust)))
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,

@@ -29,11 +29,15 @@ from bigssl.errors import CheckpointError
 STEPS = 5
 CHECKPOINT = "run/checkpoints/step_00000003"  # what _save_and_continue writes
 pytestmark = pytest.mark.distributed
+# LARS (BYOL/Barlow rule) for SimCLR, LARC (apex/SwAV rule) for the EMA method: under ZeRO the
+# optimizer steps flat partitions of many parameters, and the trust ratio must still be each
+# whole tensor's, as DDP's and FSDP2's are.
+OPTIMIZERS = {"simclr": ["optim.name=lars"], "test_tiny_ema": ["optim.name=lars", "optim.lars_rule=larc"]}
 
 
 def _train(rank: int, world_size: int, method: str, engine: str, out: Path) -> None:
     assert comm.world_size() == world_size == 2
-    engine_ = setup(make_config(method, *engine_keys(engine)), rank, world_size)
+    engine_ = setup(make_config(method, *OPTIMIZERS[method], *engine_keys(engine)), rank, world_size)
     result = train_steps(engine_, range(STEPS), lambda step: rank_batch(rank, step), track_ema=True)
     if engine == "zero3":  # fp32 masters are the parameter partitions, not copies of them
         groups = len(engine_.optimizer.optimizer.param_groups)
@@ -61,9 +65,10 @@ def test_sharded_engines_reproduce_ddp(tmp_path: Path, ddp_runs, method: str, en
     for rank in range(2):
         assert len(ddp[rank]["losses"]) == STEPS
         # SimCLR on the tiny ViT at lr 0.05 magnifies a perturbation up to ~8× per update (its loss
-        # jumps 5.5 → 8.5 → 6.8 → 5.9 → 9.4): rounding measured up to 2.5e-5 after 4 updates (gloo
-        # workers on 1 thread each, AVX-512), while a 10 % error in the update direction moves the
-        # loss by 1.4e-3 after 1 update and 3.6e-2 after 4.
+        # jumps 5.5 → 7.7 → 8.1 → 6.8 → 8.8 under LARS): rounding measured up to 2.5e-5 after 4
+        # updates (gloo workers on 1 thread each, AVX-512; 1.5e-5 under LARS), while one trust ratio
+        # per ZeRO partition instead of per tensor moved it by 3.5e-4 after 1 update and 2.2e-2
+        # after 2 (LARC on the EMA method: 3.8e-4 after 2).
         assert_same_loss_curve(fsdp[rank]["losses"], ddp[rank]["losses"], rtol_per_step=5e-5)
     assert ddp[0]["losses"][0] != ddp[0]["losses"][-1]  # it trained
     if engine == "zero3":

@@ -1,13 +1,16 @@
 import math
 import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from torch import nn
 
 from bigssl.config import OptimConfig
+from bigssl.distributed.engines.deepspeed_zero import stage3_segments
 from bigssl.errors import ConfigError
-from bigssl.optim import LARS, build_optimizer, lr_schedule, param_groups
+from bigssl.optim import LARS, FlatLayout, Segment, build_optimizer, lr_schedule, param_groups
 from bigssl.schedules import WarmupCosine
 
 
@@ -47,6 +50,105 @@ def test_lars_update_matches_hand_computation():
         expect_b = expect_b - 0.5 * momentum_b
     torch.testing.assert_close(w.detach(), expect_w)
     torch.testing.assert_close(b.detach(), expect_b)
+
+
+# ZeRO's flat partitions on a fake 2-rank group: five tensors of different scales (one all zeros,
+# for LARC's fallback) and garbage in the padding, which no norm may see.
+SHAPES, RANKS, PADDING = [(3, 4), (5,), (2, 3, 2), (1,), (6,)], 2, 1e3
+Pieces = list[tuple[Segment, int]]  # a segment and where its elements start in their tensor
+
+
+def _stage12_partitions(numels: list[int]) -> list[tuple[int, Pieces]]:
+    """(width, pieces) per rank: the tensors one after another, cut into equal partitions."""
+    width = -(-(sum(numels) + 1) // RANKS)  # one padding element at least, on the last rank
+    starts = [sum(numels[:i]) for i in range(len(numels))]
+    partitions = []
+    for rank in range(RANKS):
+        low, high = rank * width, (rank + 1) * width
+        spans = [(i, start, max(start, low), min(start + n, high))
+                 for i, (start, n) in enumerate(zip(starts, numels, strict=True))]
+        partitions.append((width, [(Segment(first - low, last - first, i), first - start)
+                                   for i, start, first, last in spans if first < last]))
+    return partitions
+
+
+def _stage3_partitions(numels: list[int]) -> list[tuple[int, Pieces]]:
+    """Through the engine's own ZeRO-3 arithmetic: every tensor cut in RANKS equal pieces."""
+    sizes = [(n, -(-n // RANKS)) for n in numels]
+    partitions = []
+    for rank in range(RANKS):
+        segments, width = stage3_segments(sizes, rank)
+        partitions.append((width, [(s, rank * sizes[s.index][1]) for s in segments]))
+    return partitions
+
+
+def _scatter(tensors: list[torch.Tensor], width: int, pieces: Pieces) -> torch.Tensor:
+    flat = torch.full((width,), PADDING, dtype=torch.float64)
+    for segment, first in pieces:
+        values = tensors[segment.index].flatten()
+        flat[segment.offset:segment.offset + segment.numel] = values[first:first + segment.numel]
+    return flat
+
+
+def _gather(flats: list[torch.Tensor], partitions: list[tuple[int, Pieces]]) -> list[torch.Tensor]:
+    wholes = [torch.full((math.prod(shape),), math.nan, dtype=torch.float64) for shape in SHAPES]
+    for flat, (_, pieces) in zip(flats, partitions, strict=True):
+        for segment, first in pieces:
+            wholes[segment.index][first:first + segment.numel] = flat[segment.offset:segment.offset + segment.numel]
+    return [whole.view(shape) for whole, shape in zip(wholes, SHAPES, strict=True)]
+
+
+class ThreadAllReduce:
+    """An all-reduce between threads, one per fake rank: every caller gets the ranks' sum."""
+
+    def __init__(self) -> None:
+        self.barrier, self.parts = threading.Barrier(RANKS, timeout=60), [None] * RANKS
+
+    def for_rank(self, rank: int):
+        def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = values.clone()
+            self.barrier.wait()
+            total = sum(self.parts[1:], self.parts[0].clone())
+            self.barrier.wait()  # nobody overwrites a part before all have summed
+            return total
+
+        return sum_over_ranks
+
+
+@pytest.mark.parametrize("partitioned", [_stage12_partitions, _stage3_partitions], ids=["zero12", "zero3"])
+@pytest.mark.parametrize("rule", ["lars", "larc"])
+def test_lars_on_flat_partitions_takes_each_whole_tensors_norms(partitioned, rule: str):
+    """Each rank's LARS steps its flat partition, given the segment table; put back together, the
+    tensors are those of LARS on the whole tensors (3 steps, weight decay, momentum). In float64,
+    so that the updates, not the weights' rounding, are compared."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator, dtype=torch.float64) * (i + 1) for i, shape in enumerate(SHAPES)]
+    weights[1].zero_()
+    grads = [[torch.randn(shape, generator=generator, dtype=torch.float64) / (i + 2) for i, shape in enumerate(SHAPES)]
+             for _ in range(3)]
+    options = {"lr": 0.5, "momentum": 0.9, "eta": 0.02, "rule": rule}
+    whole = [nn.Parameter(w.clone()) for w in weights]
+    reference = LARS([{"params": whole, "weight_decay": 0.1}], **options)
+    partitions = partitioned([w.numel() for w in weights])
+    flats = [nn.Parameter(_scatter(weights, width, pieces)) for width, pieces in partitions]
+    reduce = ThreadAllReduce()
+    optimizers = []
+    for rank, (flat, (_, pieces)) in enumerate(zip(flats, partitions, strict=True)):
+        optimizers.append(LARS([{"params": [flat], "weight_decay": 0.1}], **options))
+        layout = FlatLayout(tuple(segment for segment, _ in pieces), len(SHAPES), reduce.for_rank(rank))
+        optimizers[-1].set_flat_layout(flat, layout)
+    for step_grads in grads:
+        for param, grad in zip(whole, step_grads, strict=True):
+            param.grad = grad.clone()
+        reference.step()
+        for flat, (width, pieces) in zip(flats, partitions, strict=True):
+            flat.grad = _scatter(step_grads, width, pieces)
+        with ThreadPoolExecutor(RANKS) as pool:  # every rank steps at once: they meet in the all-reduce
+            list(pool.map(LARS.step, optimizers))
+    for got, want, start in zip(_gather([f.detach() for f in flats], partitions), whole, weights, strict=True):
+        # the whole update, against norms summed from pieces in another order
+        torch.testing.assert_close(got - start, want.detach() - start, rtol=1e-12, atol=0)
+    assert not torch.equal(whole[1].detach(), weights[1])  # the zero tensor moved (LARC: by its raw gradient)
 
 
 @pytest.mark.parametrize("name", ["lars", "sgd", "adamw"])

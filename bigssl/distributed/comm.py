@@ -174,12 +174,13 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     return funcol.wait_tensor(funcol.all_reduce(x.contiguous(), "sum", dist.group.WORLD))
 
 
-def all_reduce_sum_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks with no gradient (Sinkhorn marginals, centres, statistics)."""
+def all_reduce_sum_no_grad(x: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum over the ranks of `group` (all of them by default) with no gradient (Sinkhorn
+    marginals, centres, statistics, LARS's partial norms under ZeRO)."""
     if not is_distributed():
         return x.detach()
     out = x.detach().clone()
-    _all_reduce_(out)
+    _all_reduce_(out, group=group)
     return out
 
 
@@ -259,10 +260,11 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _all_reduce_(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, cpu: bool = False) -> None:
-    """In place over every rank (`cpu`: through the CPU-side group); under simulation the values
-    stay as they are and the call is recorded."""
+def _all_reduce_(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM, cpu: bool = False,
+                 group: dist.ProcessGroup | None = None) -> None:
+    """In place over every rank of `group` (default all; `cpu`: through the CPU-side group);
+    under simulation the values stay as they are and the call is recorded."""
     if _simulation is not None:
-        _note("all_reduce", x, -1, "cpu" if cpu else "world")
+        _note("all_reduce", x, -1, "cpu" if cpu else "world" if group is None else "other")
         return
-    dist.all_reduce(x, op=op, group=_cpu_group if cpu else None)
+    dist.all_reduce(x, op=op, group=_cpu_group if cpu else group)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bigssl.distributed import comm
 from bigssl.distributed.engines.base import Engine, plain_layout
 from bigssl.distributed.engines.safe_load import DEEPSPEED_DIR, naming
 from bigssl.errors import CheckpointError, ConfigError
 from bigssl.methods.base import Batch, Method
+from bigssl.optim import FlatLayout, Segment
 
 TAG = DEEPSPEED_DIR  # the checkpoint sub-directory DeepSpeed writes into
 
@@ -92,6 +95,72 @@ def share_master_weights(optimizer) -> int:
     return shared
 
 
+def flat_layouts(zero_optimizer: Any) -> list[tuple[torch.Tensor, FlatLayout]]:
+    """Every flat fp32 partition that ZeRO hands its client optimizer on this rank, with where
+    each parameter's elements lie in it, so LARS can take whole-tensor norms (optim.LARS)."""
+    if hasattr(zero_optimizer, "fp32_partitioned_groups_flat"):  # stage 3: one per sub-group
+        return [_stage3_layout(flat, params, group) for flat, params, group in
+                zip(zero_optimizer.fp32_partitioned_groups_flat, zero_optimizer.fp16_groups,
+                    zero_optimizer.sub_group_process_groups, strict=True)]
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):  # stages 1 and 2: one per group
+        return [_stage12_layout(flat, params, group) for flat, params, group in
+                zip(zero_optimizer.single_partition_of_fp32_groups, zero_optimizer.bit16_groups,
+                    zero_optimizer.real_dp_process_group, strict=True)]
+    raise ConfigError(f"optim.name: lars under DeepSpeed's {type(zero_optimizer).__name__}, whose flat "
+                      "partitions bigssl cannot map to parameters (engine.zero_stage 1, 2, 3 are known)")
+
+
+def _stage12_layout(flat: torch.Tensor, params: list[nn.Parameter],
+                    group: dist.ProcessGroup) -> tuple[torch.Tensor, FlatLayout]:
+    # The group's parameters are flattened one after another (with alignment padding) and cut
+    # into equal partitions; DeepSpeed records each parameter's piece of this rank's partition
+    # (at most one, contiguous) in `_hp_mapping`, None where the parameter lies elsewhere.
+    segments = tuple(Segment(mapping.hp_fragment_address.start, mapping.hp_fragment_address.numel, index)
+                     for index, param in enumerate(params)
+                     if (mapping := getattr(param, "_hp_mapping", None)) is not None)
+    return flat, _checked(FlatLayout(segments, len(params), _summer(group)), [p.numel() for p in params], flat.device)
+
+
+def _stage3_layout(flat: torch.Tensor, params: list[nn.Parameter],
+                   group: dist.ProcessGroup) -> tuple[torch.Tensor, FlatLayout]:
+    segments, width = stage3_segments([(p.ds_numel, p.partition_numel()) for p in params], dist.get_rank(group))
+    if width != flat.numel():
+        raise RuntimeError(f"ZeRO-3 sub-group of {flat.numel()} elements, its parameters' partitions {width}")
+    return flat, _checked(FlatLayout(segments, len(params), _summer(group)), [p.ds_numel for p in params], flat.device)
+
+
+def stage3_segments(sizes: list[tuple[int, int]], rank: int) -> tuple[tuple[Segment, ...], int]:
+    """(segments, partition width) of a ZeRO-3 sub-group's flat partition on `rank`, from each
+    parameter's (numel, partition numel). Every parameter is cut into equal `ds_tensor` pieces,
+    rank r holding elements [r·p, (r+1)·p) zero-padded past its end, and the sub-group's flat
+    partition is its parameters' pieces one after another; padding belongs to no segment."""
+    segments, offset = [], 0
+    for index, (numel, width) in enumerate(sizes):
+        real = min(width, max(0, numel - rank * width))
+        if real:
+            segments.append(Segment(offset, real, index))
+        offset += width
+    return tuple(segments), offset
+
+
+def _summer(group: dist.ProcessGroup) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda values: comm.all_reduce_sum_no_grad(values, group=group)
+
+
+def _checked(layout: FlatLayout, numels: list[int], device: torch.device) -> FlatLayout:
+    """The layout, once the ranks' segments are seen to cover each parameter exactly (one
+    collective at setup): a DeepSpeed that laid partitions out otherwise would be refused here
+    rather than give LARS wrong norms."""
+    counts = [0] * layout.params
+    for segment in layout.segments:
+        counts[segment.index] += segment.numel
+    # on the partition's device: an NCCL group reduces no CPU tensor
+    covered = layout.sum_over_ranks(torch.tensor(counts, dtype=torch.int64, device=device))
+    if covered.tolist() != numels:
+        raise RuntimeError(f"ZeRO partitions cover the parameters' {numels} elements as {covered.tolist()}")
+    return layout
+
+
 class DeepSpeedEngine(Engine):
     def setup(self, method: Method, optimizer_factory) -> None:
         stage = self.config.engine.zero_stage
@@ -127,6 +196,10 @@ class DeepSpeedEngine(Engine):
                              fp16_scale=self.config.engine.loss_scale_init if fp16 else None))
         # fp16 mode's fp16 parameters need their fp32 masters; fp32 ones can be their own.
         self.master_groups_shared = 0 if fp16 else share_master_weights(self.optimizer)
+        client = self.optimizer.optimizer
+        if hasattr(client, "set_flat_layout"):  # LARS: trust ratios of whole tensors, not of partitions
+            for flat, layout in flat_layouts(self.optimizer):
+                client.set_flat_layout(flat, layout)
         self.method = method
         self.stage = stage
 
