@@ -1,5 +1,5 @@
-"""Shared test utilities: free ports, 2-process gloo runs, the CLI as a subprocess, small and
-full disks."""
+"""Shared test utilities: free ports, 2-process gloo runs, 2 ranks as threads of one process, the CLI
+as a subprocess, small and full disks."""
 
 from __future__ import annotations
 
@@ -76,6 +76,49 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     rounding of any thread count instead of one pinned count."""
     threads = max(1, torch.get_num_threads() // world_size)
     mp.spawn(_entry, args=(fn, world_size, free_port(), threads, args), nprocs=world_size, join=True)
+
+
+def run_threaded(fn: Callable, world_size: int, *args, timeout: float = 120) -> list:
+    """`fn(rank, world_size, *args)` on `world_size` ranks of this one process: a thread each, in
+    torch's threaded process group, whose collectives (their autograd included) really exchange
+    the ranks' tensors. Starts no process: a unit test of a collective's semantics. Returns the
+    ranks' results; a rank's exception is raised here (and wakes the ranks waiting on it)."""
+    import threading
+
+    import torch.distributed as dist
+    from torch.testing._internal.distributed import multi_threaded_pg as threaded
+
+    results: list = [None] * world_size
+    errors: list[BaseException] = []
+    store = dist.HashStore()
+
+    def rank_main(rank: int) -> None:
+        dist.init_process_group("threaded", rank=rank, world_size=world_size, store=store)
+        try:
+            results[rank] = fn(rank, world_size, *args)
+        except BaseException as err:  # re-raised below, in the caller
+            errors.append(err)
+            threaded.ProcessLocalGroup.exception_handle(err)
+        finally:
+            dist.destroy_process_group()
+
+    torch._C._distributed_c10d._set_thread_isolation_mode(True)  # a group registry per thread
+    threaded._install_threaded_pg()
+    try:
+        threads = [threading.Thread(target=rank_main, args=(rank,), daemon=True) for rank in range(world_size)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout)
+        hung = [rank for rank, thread in enumerate(threads) if thread.is_alive()]
+    finally:
+        threaded.ProcessLocalGroup.reset()
+        threaded._uninstall_threaded_pg()
+        torch._C._distributed_c10d._set_thread_isolation_mode(False)
+    if errors:
+        raise errors[0]
+    assert not hung, f"ranks {hung} did not finish in {timeout} s"
+    return results
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600,

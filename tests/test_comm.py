@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_distributed
+from helpers import run_distributed, run_threaded
 
 
 def rows(rank: int) -> torch.Tensor:
@@ -66,34 +66,49 @@ def _reduce_weights(rank: int) -> torch.Tensor:
     return torch.tensor([3.0, -1.0]) * (rank + 1)
 
 
-def _differentiable(rank: int, world_size: int, out_dir: str) -> None:
-    import warnings
-
+def _gradients(rank: int, world_size: int) -> dict:
     from bigssl.distributed import comm
 
     assert comm.world_size() == world_size == 2
+    x = _local(rank).requires_grad_(True)
+    gathered = comm.gather_with_grad(x)
+    (gathered * _weights(rank)).sum().backward()
+    y = torch.tensor([1.0, 2.0]).mul(rank + 1).requires_grad_(True)
+    reduced = comm.all_reduce_sum_with_grad(y)
+    (reduced * _reduce_weights(rank)).sum().backward()
+    return {"gathered": gathered.detach(), "plain": type(gathered) is torch.Tensor, "grad": x.grad,
+            "reduced": reduced.detach(), "reduce_grad": y.grad}
+
+
+def _differentiable(rank: int, world_size: int, out_dir: str) -> None:
+    import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the supported collectives: no deprecation warning on any call
-        x = _local(rank).requires_grad_(True)
-        gathered = comm.gather_with_grad(x)
-        (gathered * _weights(rank)).sum().backward()
-        y = torch.tensor([1.0, 2.0]).mul(rank + 1).requires_grad_(True)
-        reduced = comm.all_reduce_sum_with_grad(y)
-        (reduced * _reduce_weights(rank)).sum().backward()
-    torch.save({"gathered": gathered.detach(), "plain": type(gathered) is torch.Tensor, "grad": x.grad,
-                "reduced": reduced.detach(), "reduce_grad": y.grad}, Path(out_dir) / f"rank{rank}.pt")
+        result = _gradients(rank, world_size)
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 
 
-@pytest.mark.distributed
-def test_differentiable_collectives_send_every_ranks_gradient_back(tmp_path: Path):
+def _check_gradients(results: list[dict]) -> None:
     """gather_with_grad: rank r's x gets the sum over all ranks of their loss weights on r's rows
     (d/dx_r of Σ_r' sum(w_r' · cat(x))); all_reduce_sum_with_grad: every rank's y gets Σ_r' v_r'."""
-    run_distributed(_differentiable, 2, str(tmp_path))
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+    for rank, result in enumerate(results):
         assert result["plain"]  # a plain tensor for the losses, not an AsyncCollectiveTensor
         assert torch.equal(result["gathered"], torch.cat([_local(0), _local(1)]))
         rows = slice(3 * rank, 3 * rank + 3)
         assert torch.equal(result["grad"], _weights(0)[rows] + _weights(1)[rows])
         assert torch.equal(result["reduced"], torch.tensor([3.0, 6.0]))  # [1, 2] + [2, 4]
         assert torch.equal(result["reduce_grad"], _reduce_weights(0) + _reduce_weights(1))
+
+
+@pytest.mark.distributed
+def test_differentiable_collectives_send_every_ranks_gradient_back(tmp_path: Path):
+    """Two gloo processes."""
+    run_distributed(_differentiable, 2, str(tmp_path))
+    _check_gradients([torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)])
+
+
+def test_differentiable_collectives_send_every_ranks_gradient_back_in_one_process():
+    """The same backward on its own, fast: two ranks as threads of this process (torch's threaded
+    group exchanges the tensors, forward and backward), no process started."""
+    _check_gradients(run_threaded(_gradients, 2))

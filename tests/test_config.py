@@ -16,10 +16,16 @@ def test_quickstart_recipe_loads_with_overrides():
     assert config.optim.batch_size == 512
     assert config.method.temperature == 0.3
     assert config.log.dir == "/tmp/x"
-    # The keys scripts rely on (docs/architecture.md, "Public surface") exist under these names.
-    for key in ("seed", "data.train", "data.val", "data.samples_per_epoch", "optim.batch_size", "optim.epochs",
-                "optim.max_steps", "engine.kind", "engine.precision", "log.dir"):
-        config_lib.get(config, key)
+    # The keys scripts rely on (docs/architecture.md, "Public surface") exist under these names and
+    # hold the recipe's values (seed, data, epochs), the overrides' and otherwise the defaults.
+    expected = {"seed": 0, "data.train": "quickstart:train", "data.val": "quickstart:val",
+                "data.samples_per_epoch": 0, "optim.batch_size": 512, "optim.epochs": 3, "optim.max_steps": 0,
+                "engine.kind": "ddp", "engine.precision": "fp32", "log.dir": "/tmp/x"}
+    assert {key: config_lib.get(config, key) for key in expected} == expected
+    other = config_lib.load(QUICKSTART, ["seed=7", "data.samples_per_epoch=640", "optim.max_steps=9",
+                                         "engine.precision=bf16"])
+    assert [config_lib.get(other, k) for k in ("seed", "data.samples_per_epoch", "optim.max_steps",
+                                               "engine.precision")] == [7, 640, 9, "bf16"]
 
 
 def test_linear_and_sqrt_lr_scaling():

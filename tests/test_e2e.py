@@ -34,7 +34,9 @@ def test_quickstart_one_process(tmp_path: Path):
     assert train_steps(run) == [1, 2, 3, 4]
     records = metrics(run)
     last = records[-1]
-    assert 0 < last["knn/top1"] <= last["knn/top5"] <= 1
+    # Its value: test_eval_offline.py::test_offline_knn_equals_the_trainers_final_knn (one process's final
+    # kNN equals the offline evaluation of its checkpoint); here the summary prints what was logged.
+    assert last["knn/top1"] <= last["knn/top5"]
     assert f"trained, step 4  {last['knn/top1']:.4f}" in result.stderr  # the summary prints the logged score
     assert {"knn/random_init_top1", "knn/pixels_top1"} <= {k for r in records for k in r}
     assert all(r["world_size"] == 1 and r["images_per_s"] > 0 for r in records if "loss" in r)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import run_distributed
+from helpers import run_distributed, run_threaded
 
 from bigssl import losses
 from bigssl.distributed import comm
@@ -185,19 +185,30 @@ def _losses_on(z1, z2, scores, differentiable: bool = True) -> dict[str, torch.T
             "nce_grad": q.grad.clone(), "codes": losses.sinkhorn(scores)}
 
 
-def _worker(rank: int, world_size: int, out: Path) -> None:
+def _rank_losses(rank: int, world_size: int) -> dict[str, torch.Tensor]:
     assert comm.world_size() == world_size == 2
     inputs = {name: t[rank * B : (rank + 1) * B] for name, t in _inputs().items()}
     result = _losses_on(**inputs)
     official = _losses_on(**inputs, differentiable=False)
     result["official_barlow"], result["official_barlow_grad"] = official["barlow"], official["barlow_grad"]
-    torch.save(result, out / f"rank{rank}.pt")
+    return result
 
 
-@pytest.mark.distributed
-def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path: Path):
-    run_distributed(_worker, 2, tmp_path)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def _worker(rank: int, world_size: int, out: Path) -> None:
+    torch.save(_rank_losses(rank, world_size), out / f"rank{rank}.pt")
+
+
+@pytest.mark.parametrize("ranks_as", ["threads", pytest.param("processes", marks=pytest.mark.distributed)])
+def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path: Path, ranks_as: str):
+    """Two gloo processes, and (fast, one process: the unit test of each collective's part) two
+    ranks as threads of this process in torch's threaded group: without the all-reduces of
+    Sinkhorn's marginals, of Barlow's C or the gather of InfoNCE's keys a rank's numbers are its
+    half batch's alone."""
+    if ranks_as == "processes":
+        run_distributed(_worker, 2, tmp_path)
+        ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    else:
+        ranks = run_threaded(_rank_losses, 2)
     single = _losses_on(**_inputs())
     for rank, result in enumerate(ranks):
         rows = slice(rank * B, (rank + 1) * B)

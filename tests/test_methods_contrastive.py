@@ -249,20 +249,44 @@ def test_cmc_trunk_concatenates_the_l_and_ab_encoders_on_a_lab_image():
 
 
 @pytest.mark.parametrize("recipe", ["instdisc", "invaspread", "mocov2", "cmc", "cpc", "simclrv2"])
-def test_quickstart_recipe_trains_two_steps_through_the_trainer(tmp_path: Path, recipe: str):
+def test_quickstart_recipe_trains_two_steps_through_the_trainer(tmp_path: Path, recipe: str, monkeypatch):
     """The trainer feeds each method what it needs (sample ids for the banks, Lab views for CMC,
-    patch grids for CPC) and the loss is finite; the full recipes run with `pytest -m quickstart`."""
+    patch grids for CPC) and logs the loss it returns; the full recipes run with `pytest -m quickstart`.
+    Each step's batch and the method as it stood (weights, bank or queue, random state) are
+    recorded; the logged loss is recomputed in this process from them, and the sample ids the
+    banks are indexed by name the samples whose labels came with them (the dataset's own labels)."""
+    import copy
     import json
 
     from helpers import REPO, SMALL
 
     from bigssl import config as config_lib
+    from bigssl.data import quickstart
+    from bigssl.methods.base import Method
     from bigssl.train import train
 
+    seen: list[tuple] = []
+    original = Method.forward
+
+    def recording(self, batch, step):
+        seen.append((copy.deepcopy(self), copy.deepcopy(batch), step, torch.get_rng_state()))
+        return original(self, batch, step)
+
+    monkeypatch.setattr(Method, "forward", recording)
     path = REPO / "recipes" / "quickstart" / f"{recipe}.yaml"
     overrides = [*SMALL, f"log.dir={tmp_path / 'run'}", "optim.max_steps=2", "eval.knn_at_end=false",
                  "eval.knn_baseline=false", "eval.knn_pixels=false", "log.tensorboard=false", "log.progress=false"]
     train(config_lib.load(path, overrides))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    logged = [r["loss"] for r in records if "loss" in r]
+    assert len(logged) == len(seen) == 2
+    monkeypatch.setattr(Method, "forward", original)
+    for loss, (method, batch, step, rng) in zip(logged, seen, strict=True):
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            assert loss == pytest.approx(method(batch, step)["loss"].item(), rel=1e-5)
+    if recipe in ("instdisc", "cmc"):  # memory banks: one row per training sample, indexed by its id
+        labels = torch.from_numpy(quickstart.load_arrays()["train_labels"]).long()
+        for _, batch, _, _ in seen:
+            assert torch.equal(labels[batch["id"]], batch["label"])
+            assert len(set(batch["id"].tolist())) == len(batch["id"])

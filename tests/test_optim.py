@@ -197,3 +197,66 @@ def test_step_schedule_warms_up_then_drops_at_its_milestones():
 def test_bad_lr_schedules_name_their_key(keys: dict, message: str):
     with pytest.raises(ConfigError, match=re.escape(message)):
         lr_schedule(OptimConfig(lr=0.1, **keys), 10, 100)
+
+
+# A whole tiny run through the trainer, one process: 64 samples an epoch in batches of 16 (4 steps),
+# 3 epochs, 8 px views of the quickstart data. Peak lr = base_lr × batch / 256 = 0.8 × 16 / 256.
+LR_STEPS_PER_EPOCH, LR_EPOCHS, LR_PEAK, PROBE_LR = 4, 3, 0.05, 0.1
+LR_RUNS = {  # name: (overrides, warm-up steps = round(warmup_epochs × 4), written out)
+    "cosine": (["optim.warmup_epochs=1.4", "optim.min_lr=0.002", "optim.no_decay_lr_scale=0.5"], 6),
+    "linspace-from-start-to-a-fraction": (["optim.warmup_epochs=1", "optim.warmup_includes_peak=true",
+                                           "optim.warmup_start_lr=0.01", "optim.min_lr_fraction=0.1"], 4),
+    "per-epoch": (["optim.warmup_epochs=2", "optim.lr_per_epoch=true", "optim.min_lr=0.001"], 8),
+}
+
+
+def _official_lr(step: int, warmup: int, options: dict) -> float:
+    """The lr of step `step` as the official codes write it: a linear warm-up from the start lr,
+    reaching the peak at step `warmup` (MoCo v3, BYOL, SimCLR) or, as np.linspace(start, peak,
+    warmup), at its last step (DINO, SwAV); then peak → final over the remaining steps along
+    final + ½(peak − final)(1 + cos(π·t/T)); per epoch (MoCo v2, SimSiam): the epoch's first step's."""
+    import numpy as np
+
+    total = LR_STEPS_PER_EPOCH * LR_EPOCHS
+    if options.get("optim.lr_per_epoch") == "true":
+        step = LR_STEPS_PER_EPOCH * (step // LR_STEPS_PER_EPOCH)
+    start = float(options.get("optim.warmup_start_lr", 0.0))
+    final = (float(options["optim.min_lr_fraction"]) * LR_PEAK if "optim.min_lr_fraction" in options
+             else float(options["optim.min_lr"]))
+    if step < warmup:
+        if options.get("optim.warmup_includes_peak") == "true":
+            return float(np.linspace(start, LR_PEAK, warmup)[step])
+        return start + (LR_PEAK - start) * step / warmup
+    return final + 0.5 * (LR_PEAK - final) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("case", sorted(LR_RUNS))
+def test_a_whole_run_steps_with_the_scheduled_lr_at_every_step(tmp_path, case: str):
+    """The lr every parameter group stepped with, logged at every step of a whole run (record k holds
+    step k − 1's), against the official formula: the decaying weights at the schedule, the biases
+    and norms at optim.no_decay_lr_scale of it, the online probe at the schedule × probe_lr / peak."""
+    import json
+
+    from helpers import QUICKSTART, SMALL
+
+    from bigssl import config as config_lib
+    from bigssl.train import train
+
+    overrides, warmup = LR_RUNS[case]
+    run = tmp_path / "run"
+    train(config_lib.load(QUICKSTART, [
+        *SMALL, "model.backbone_args.channels=[4,4,4,4]", "data.views.size=8", "data.views.resize=8",
+        "data.samples_per_epoch=64", "optim.batch_size=16", f"optim.epochs={LR_EPOCHS}", "optim.base_lr=0.8",
+        "optim.lr_scaling=linear", "data.workers=0", "eval.online_probe_classes=10", f"eval.online_probe_lr={PROBE_LR}",
+        "eval.knn_baseline=false", "eval.knn_at_end=false", "eval.knn_pixels=false", "log.tensorboard=false",
+        "log.progress=false", "checkpoint.every_steps=0", f"log.dir={run}", *overrides]))
+    records = [r for line in (run / "metrics.jsonl").read_text().splitlines() if "loss" in (r := json.loads(line))]
+    assert [r["step"] for r in records] == list(range(1, LR_STEPS_PER_EPOCH * LR_EPOCHS + 1))
+    options = dict(o.split("=", 1) for o in overrides)
+    no_decay_scale = float(options.get("optim.no_decay_lr_scale", 1.0))
+    for record in records:
+        lr = _official_lr(record["step"] - 1, warmup, options)
+        assert record["lr"] == pytest.approx(lr, rel=1e-12, abs=1e-15), record["step"]
+        assert record["lr/decay"] == pytest.approx(lr, rel=1e-12, abs=1e-15), record["step"]
+        assert record["lr/no_decay"] == pytest.approx(lr * no_decay_scale, rel=1e-12, abs=1e-15), record["step"]
+        assert record["lr/online_probe"] == pytest.approx(lr * PROBE_LR / LR_PEAK, rel=1e-12, abs=1e-15)

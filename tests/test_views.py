@@ -87,10 +87,22 @@ def test_photometric_turns_collated_groups_into_channels_last_views():
     assert [tuple(g.shape) for g in out] == [(2, 5, 3, 32, 32), (3, 5, 3, 14, 14)]
     batch = flat(out[0])
     assert batch.is_contiguous(memory_format=torch.channels_last) and batch.dtype == torch.float32
-    mean = torch.tensor(views.mean).view(1, 3, 1, 1)
-    std = torch.tensor(views.std).view(1, 3, 1, 1)
-    pixels = batch * std + mean  # undo the normalisation: back in [0, 1]
-    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    # The values, view by view: out[g][v, b] is image b's crop v, through the draws of row v·B + b
+    # (the group's views drawn in turn, B each, from the one generator), then (x − mean) / std.
+    from bigssl.data import photometric as ph
+    from bigssl.data.views import group_specs
+
+    mean = torch.tensor(views.mean).view(3, 1, 1)
+    std = torch.tensor(views.std).view(3, 1, 1)
+    generator = torch.Generator().manual_seed(0)
+    for spec, group, got in zip(group_specs(views), collated, out, strict=True):
+        params = ph.Params.cat([ph.sample_params(v, 5, torch.device("cpu"), generator) for v in spec.views])
+        for v in range(group.shape[1]):
+            for b in range(5):
+                row = slice(v * 5 + b, v * 5 + b + 1)
+                x = ph.augment(group[b, v][None].float() / 255, params.rows(row), spec.blur_kernel,
+                               spec.grayscale_first)[0]
+                torch.testing.assert_close(got[v, b], (x - mean) / std, rtol=1e-5, atol=1e-6)
     assert view_grid(out, Photometric(views)).shape[0] == 3
 
 
@@ -123,6 +135,16 @@ def test_cmc_views_are_l_and_ab():
 
 
 def test_a_vit_takes_global_and_local_crops():
+    """A 14 px local crop in 8 px patches: zero-padded right and bottom to 16 px (a 2 × 2 grid, the
+    position table resampled to it), so its features are exactly the padded image's."""
+    import torch.nn.functional as F
+
     model = build_backbone(ModelConfig(backbone="vit_tiny_patch16_224", channels_last=False, backbone_args={
-        "img_size": 32, "patch_size": 8, "depth": 2, "dynamic_img_size": True, "dynamic_img_pad": True}))
-    assert model(torch.zeros(2, 3, 32, 32)).shape == model(torch.zeros(2, 3, 14, 14)).shape == (2, 192)
+        "img_size": 32, "patch_size": 8, "depth": 2, "dynamic_img_size": True, "dynamic_img_pad": True})).eval()
+    generator = torch.Generator().manual_seed(0)
+    image, local = torch.rand(2, 3, 32, 32, generator=generator), torch.rand(2, 3, 14, 14, generator=generator)
+    with torch.no_grad():
+        assert model(image).shape == model(local).shape == (2, 192)
+        torch.testing.assert_close(model(local), model(F.pad(local, (0, 2, 0, 2))), rtol=1e-5, atol=1e-6)
+        # Not the features of its first patch alone (a 1 × 1 grid: 14 px cut down instead of padded).
+        assert not torch.allclose(model(local), model(local[..., :8, :8]), rtol=1e-3, atol=1e-3)
