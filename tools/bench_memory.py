@@ -53,7 +53,7 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from memory_method import FEATURES_METHOD  # registers the method
 
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.distributed import comm, env
     from bigssl.distributed.engines import build_engine
     from bigssl.methods.base import build
@@ -62,9 +62,9 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str) -> None:
     dist_env = env.detect()
     env.init(dist_env, backend="gloo")
     assert comm.world_size() == 2, f"rank {rank} sees world size {comm.world_size()}"
-    config = config_lib.load(None, [f"method.name={FEATURES_METHOD}", f"model.backbone={model}",
-                                    "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
-                                    "optim.batch_size=2", *ENGINES[engine]])
+    config = recipes.load(None, [f"method.name={FEATURES_METHOD}", f"model.backbone={model}",
+                                 "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
+                                 "optim.batch_size=2", *ENGINES[engine]])
     torch.manual_seed(0)
     method = build(config)
     engine_ = build_engine(config, dist_env, torch.device("cpu"))

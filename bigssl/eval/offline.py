@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.checkpoint import PATTERN
 from bigssl.config import Config
 from bigssl.data.shards import resolve
@@ -62,7 +62,7 @@ def locate(source: Path) -> SavedRun:
     if not config_path.is_file():
         raise UserError(f"{source}: no config.yaml in the run directory {run_dir} (needed to rebuild the backbone)")
     match = PATTERN.match(checkpoint.name)
-    return SavedRun(run_dir, checkpoint, int(match.group(1)) if match else 0, config_lib.load(config_path, []))
+    return SavedRun(run_dir, checkpoint, int(match.group(1)) if match else 0, recipes.load(config_path, []))
 
 
 def load_backbone(saved: SavedRun, device: torch.device, projector_layers: int = 0) -> nn.Module:

@@ -25,6 +25,8 @@ from torch import nn
 
 from bigssl.config import Config, MethodConfig
 from bigssl.errors import ConfigError
+from bigssl.methods import schemas
+from bigssl.methods.configs import CONFIGS
 
 Batch = dict[str, Any]  # {"views": list[Tensor], "label"?: Tensor, "text"?: ...}
 
@@ -132,6 +134,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = cls
+        schemas.register_schema(name, cls.config_class)  # recipes naming it now parse
         return cls
 
     return add
@@ -139,18 +142,14 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        from bigssl.methods import load_builtin
-
-        load_builtin(name)
+        schemas.load_builtin(name)
     if name not in _REGISTRY:
         raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
-    from bigssl.methods import method_config_class as lookup
-
-    return lookup(name)
+    return schemas.method_config_class(name)
 
 
 def build(config: Config) -> Method:
@@ -159,6 +158,4 @@ def build(config: Config) -> Method:
 
 def names() -> list[str]:
     """Every built-in method and every plug-in registered so far."""
-    from bigssl.methods.configs import CONFIGS
-
     return sorted(set(CONFIGS) | set(_REGISTRY))
