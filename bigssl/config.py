@@ -34,7 +34,8 @@ from bigssl.errors import ConfigError
 @dataclass
 class ViewsConfig:
     """How images become views. Every field left null takes the policy's published value
-    (bigssl/data/policies.py); `--print-config` shows what each resolved to."""
+    (bigssl/methods/policies.py); `--print-config` shows what each resolved to. The last four
+    say what the views are, so that the data pipeline reads them instead of a policy's name."""
 
     policy: str = "simclr"  # instdisc | mocov2 | simclr | byol | swav | dino | cmc | cpc | clip
     size: int | None = None  # side of the global crops
@@ -61,6 +62,13 @@ class ViewsConfig:
     grid: int | None = None  # CPC: patches per side
     patch: int | None = None  # CPC: patch side (stride patch / 2)
     patch_jitter: int | None = None  # CPC: patch content is a random (patch − jitter) px sub-crop
+    # random_resized: `views` global (+ `local_crops` local) random-resized crops | random_square: the
+    # short side resized to `resize`, one random `size` square (CLIP) | patch_grid: that square,
+    # flipped at random, cut into grid × grid patches (CPC)
+    crop: str | None = None
+    color_space: str | None = None  # of the global crops: rgb | lab (CIE Lab, each channel scaled to [-1, 1])
+    channel_split: list[int] | None = None  # [] = one view per crop; [1, 2]: each global crop's L and ab as two views
+    text: bool | None = None  # the batch carries each sample's caption (.txt): image–text methods
 
 
 @dataclass
@@ -224,6 +232,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.backend": ("auto", "gloo", "nccl"),
     "optim.lr_schedule": ("cosine", "step"),
 }
+# What a view policy's crops are (data.views.crop) and their colours (data.views.color_space):
+# checked once the policy has filled them in.
+VIEW_CROPS = ("random_resized", "random_square", "patch_grid")
+COLOR_SPACES = ("rgb", "lab")
 
 
 @dataclass(frozen=True)
@@ -569,6 +581,7 @@ def _resolve_views(views: ViewsConfig, registry: Registry) -> None:
         views.patch_jitter = max(0, round(table["patch_jitter_fraction"] * views.patch))
     if views.interpolation not in ("bilinear", "bicubic"):
         raise ConfigError(f"data.views.interpolation: {views.interpolation!r} is not bilinear or bicubic")
+    _check_view_kind(views)
     if len(views.mean) != len(views.std):
         raise ConfigError("data.views.mean and data.views.std must have the same length")
     if len(views.jitter) != 4:
@@ -576,6 +589,16 @@ def _resolve_views(views: ViewsConfig, registry: Registry) -> None:
     for name in ("size", "views", "resize"):
         if getattr(views, name) <= 0:
             raise ConfigError(f"data.views.{name}: must be positive, got {getattr(views, name)}")
+
+
+def _check_view_kind(views: ViewsConfig) -> None:
+    """What the views are, once the policy has filled it in."""
+    for key, allowed in (("crop", VIEW_CROPS), ("color_space", COLOR_SPACES)):
+        if getattr(views, key) not in allowed:
+            raise ConfigError(f"data.views.{key}: {getattr(views, key)!r} is not one of {', '.join(allowed)}")
+    if views.channel_split and sum(views.channel_split) != 3:
+        raise ConfigError(f"data.views.channel_split: {views.channel_split} must add up to the 3 channels of a crop "
+                          "([] = one view per crop)")
 
 
 def resolve(config: Config, registry: Registry) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bigssl import config
 from bigssl.config import Config, Registry
-from bigssl.data.policies import POLICIES, defaults
+from bigssl.methods.policies import POLICIES, defaults
 from bigssl.methods.schemas import method_schemas
 
 

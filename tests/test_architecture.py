@@ -138,3 +138,48 @@ def test_no_module_imports_the_command_line():
     graph = import_graph()
     importers = sorted(name for name, edges in graph.items() if "bigssl.cli" in edges)
     assert importers == ["bigssl.__main__"]
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions."""
+    kinds = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    owners = [tree, *(node for node in ast.walk(tree) if isinstance(node, kinds))]
+    return {id(owner.body[0].value) for owner in owners if owner.body and isinstance(owner.body[0], ast.Expr)
+            and isinstance(owner.body[0].value, ast.Constant) and isinstance(owner.body[0].value.value, str)}
+
+
+def method_names_in_code(path: Path, names: set[str]) -> list[str]:
+    """`file:line: 'name'` for every string in the code of `path` (not its docstrings or comments,
+    which may say whose setting a piece of code reproduces) that is a method or policy name."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skip = _docstrings(tree)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return [f"{shown}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in skip
+            and node.value.strip().lower() in names]
+
+
+def test_the_data_pipeline_names_no_method():
+    """Data code reads what a view policy declares (data.views.crop, color_space, channel_split,
+    text), never which method's policy runs: a new method or policy changes nothing in bigssl/data/."""
+    from bigssl.methods.configs import CONFIGS
+    from bigssl.methods.policies import POLICIES
+
+    names = set(CONFIGS) | set(POLICIES)
+    assert {"cpc", "clip", "cmc", "mocov2"} <= names
+    found = [hit for path in sorted((PACKAGE / "data").rglob("*.py")) for hit in method_names_in_code(path, names)]
+    assert not found, "method names in bigssl/data/:\n" + "\n".join(found)
+
+
+def test_a_method_name_in_data_code_would_be_found(tmp_path: Path):
+    source = tmp_path / "views.py"
+    source.write_text('"""For CPC: "cpc" in a docstring is fine."""\nif policy == "cpc":\n    pass\n')
+    assert [hit.split(": ", 1)[1] for hit in method_names_in_code(source, {"cpc"})] == ["'cpc'"]
+
+
+def test_methods_do_not_import_the_data_pipeline():
+    """A method receives its views in the layout bigssl/methods/base.py documents (`Batch`)."""
+    graph = import_graph()
+    found = sorted(f"{name} → {target}" for name, edges in graph.items() if name.startswith("bigssl.methods")
+                   for target in edges if target == "bigssl.data" or target.startswith("bigssl.data."))
+    assert not found, "methods that import bigssl.data:\n" + "\n".join(found)

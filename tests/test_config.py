@@ -155,7 +155,7 @@ def test_every_numeric_field_of_every_schema_has_a_range():
 
 
 def test_every_recipe_and_view_policy_is_in_range():
-    from bigssl.data.policies import POLICIES
+    from bigssl.methods.policies import POLICIES
 
     for recipe in sorted(QUICKSTART.parent.parent.glob("*/*.yaml")):
         recipes.load(recipe)

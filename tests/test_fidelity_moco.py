@@ -19,10 +19,10 @@ from torch import nn
 
 from bigssl import recipes
 from bigssl.data import geometry as geo
-from bigssl.data.policies import POLICIES
 from bigssl.data.views import Geometry
 from bigssl.methods.byol import BYOL
 from bigssl.methods.mocov3 import MoCoV3, sincos_position_table
+from bigssl.methods.policies import POLICIES
 from bigssl.models.backbones import build_backbone
 from bigssl.optim import lr_schedule
 from bigssl.train import train

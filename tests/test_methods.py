@@ -106,7 +106,7 @@ def test_simclr_loss_is_nt_xent_of_its_projections_over_all_views(views: int):
     """Two views: NT-Xent; more (and local crops): every other view of an image is a positive.
     Recomputed here from the backbone and projector on the same views, in eval mode (fixed BN)."""
     from bigssl import losses
-    from bigssl.data.views import flat
+    from bigssl.methods.base import flat
 
     engine = engine_for("simclr", "model.backbone_args.dynamic_img_size=true")
     method = engine.method.eval()

@@ -11,7 +11,8 @@ import torch
 from bigssl import recipes
 from bigssl.config import ModelConfig
 from bigssl.data import geometry as geo
-from bigssl.data.views import EvalGeometry, Geometry, Photometric, flat, view_grid
+from bigssl.data.views import EvalGeometry, Geometry, Photometric, view_grid
+from bigssl.methods.base import flat
 from bigssl.models.backbones import build_backbone
 
 

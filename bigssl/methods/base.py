@@ -28,7 +28,19 @@ from bigssl.errors import ConfigError
 from bigssl.methods import schemas
 from bigssl.methods.configs import CONFIGS
 
-Batch = dict[str, Any]  # {"views": list[Tensor], "label"?: Tensor, "text"?: ...}
+# What `training_step` receives (the data pipeline makes it; a method needs nothing of bigssl.data):
+#   "views": one float tensor [V, B, C, S, S] per group of crops of one size, channels-last
+#            rows: the global crops (V = data.views.views), then the local crops if any
+#            (data.views.local_crops); a policy with a channel split gives one group per part
+#            of the global crops' channels instead (CMC: L [V, B, 1, S, S], then ab [V, B, 2, S, S]);
+#            a patch-grid policy one group of grid² patches per image (CPC: [grid², B, C, P, P]);
+#   "label": [B] (−1 = none), "id": [B] sample ids, "text": [B] captions (data.views.text).
+Batch = dict[str, Any]
+
+
+def flat(group: torch.Tensor) -> torch.Tensor:
+    """[V, B, C, H, W] → [V·B, C, H, W], view-major: the first B rows are view 0."""
+    return group.flatten(0, 1)
 
 
 class Method(nn.Module):
