@@ -35,7 +35,7 @@ import torch
 
 from bigssl import files
 from bigssl.distributed import comm
-from bigssl.distributed.engines import safe_load
+from bigssl.distributed.engines import file_check
 from bigssl.distributed.engines.base import Engine
 from bigssl.distributed.engines.dcp_safe import CheckpointException
 from bigssl.errors import CheckpointError, UserError
@@ -333,7 +333,7 @@ def _first_problem(checkpoint: Path, entries: list[dict[str, Any]]) -> tuple[int
             return index, "sha256 mismatch"
     for index, entry in enumerate(entries):
         try:
-            safe_load.inspect(checkpoint, entry["path"])
+            file_check.inspect(checkpoint, entry["path"])
         except CheckpointError as err:
             # 'PATH: reason' → 'reason' for this entry, else 'other/file: reason' (a DCP entry's data file)
             text = str(err).removeprefix(f"{checkpoint / entry['path']}: ")

@@ -55,9 +55,10 @@ def _leave_process_group(code: int) -> None:
 def _train(args: argparse.Namespace) -> int:
     """`args.stop_request`: installed by main() before anything else."""
     from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.distributed.launch import detect
 
-    config = config_lib.load(args.recipe, args.overrides)
+    config = recipes.load(args.recipe, args.overrides)
     config_lib.per_rank_batch(config, detect().world_size)  # a config error: before torch, like the rest
     if args.print_config:
         for note in config_lib.override_notes(args.overrides):

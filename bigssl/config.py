@@ -1,9 +1,15 @@
 """The run's configuration: one typed dataclass per section, YAML recipes, dotted overrides.
 
-`load(recipe, overrides)` returns a `Config` whose every field has been type-checked; an
-unknown key, a wrong type or a value outside its choices raises `ConfigError` naming the key.
-The `method` section's schema belongs to the method chosen by `method.name` (each method file
-declares its own dataclass), so a SimCLR recipe cannot carry a stray DINO key unnoticed.
+`load(recipe, overrides, registry=...)` returns a `Config` whose every field has been
+type-checked; an unknown key, a wrong type or a value outside its choices raises `ConfigError`
+naming the key. The `method` section's schema belongs to the method chosen by `method.name`, so
+a SimCLR recipe cannot carry a stray DINO key unnoticed.
+
+This module is the ground floor (docs/architecture.md): it imports nothing of bigssl but
+errors.py and config_ranges.py. What it cannot know without importing the floors above (which
+methods exist and their schemas, which view policies exist and their settings) it is told: the
+caller passes a `Registry` in. `bigssl.recipes.load` is the caller that fills one with every
+registered method and view policy.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import copy
 import functools
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +34,8 @@ from bigssl.errors import ConfigError
 @dataclass
 class ViewsConfig:
     """How images become views. Every field left null takes the policy's published value
-    (bigssl/data/policies.py); `--print-config` shows what each resolved to."""
+    (bigssl/methods/policies.py); `--print-config` shows what each resolved to. The last four
+    say what the views are, so that the data pipeline reads them instead of a policy's name."""
 
     policy: str = "simclr"  # instdisc | mocov2 | simclr | byol | swav | dino | cmc | cpc | clip
     size: int | None = None  # side of the global crops
@@ -55,6 +62,13 @@ class ViewsConfig:
     grid: int | None = None  # CPC: patches per side
     patch: int | None = None  # CPC: patch side (stride patch / 2)
     patch_jitter: int | None = None  # CPC: patch content is a random (patch − jitter) px sub-crop
+    # random_resized: `views` global (+ `local_crops` local) random-resized crops | random_square: the
+    # short side resized to `resize`, one random `size` square (CLIP) | patch_grid: that square,
+    # flipped at random, cut into grid × grid patches (CPC)
+    crop: str | None = None
+    color_space: str | None = None  # of the global crops: rgb | lab (CIE Lab, each channel scaled to [-1, 1])
+    channel_split: list[int] | None = None  # [] = one view per crop; [1, 2]: each global crop's L and ab as two views
+    text: bool | None = None  # the batch carries each sample's caption (.txt): image–text methods
 
 
 @dataclass
@@ -222,11 +236,41 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "engine.backend": ("auto", "gloo", "nccl"),
     "optim.lr_schedule": ("cosine", "step"),
 }
-# Choices of built-in methods' own fields (a plug-in method checks its own).
-METHOD_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "instdisc": {"loss": ("nce", "softmax")},
-    "cmc": {"loss": ("nce", "softmax"), "objective": ("bank", "batch")},
-}
+# What a view policy's crops are (data.views.crop) and their colours (data.views.color_space):
+# checked once the policy has filled them in.
+VIEW_CROPS = ("random_resized", "random_square", "patch_grid")
+COLOR_SPACES = ("rgb", "lab")
+
+
+@dataclass(frozen=True)
+class MethodSchema:
+    """What parsing needs of one method: its section's dataclass, the allowed values of its text
+    fields, and whether config_ranges.METHOD_RANGES applies to its numbers (the built-ins'; a
+    plug-in's field names may mean other things, so its numbers are only checked for being finite)."""
+
+    config_class: type[MethodConfig]
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    builtin_ranges: bool = False
+
+
+@dataclass(frozen=True)
+class Registry:
+    """What parsing learns by registration instead of by import: the schema of every method by
+    `method.name`, and every view policy's settings by `data.views.policy` (each `data.views`
+    field it fills, and the `*_fraction` entries the derived sizes come from)."""
+
+    methods: Mapping[str, MethodSchema]
+    policies: Mapping[str, Mapping[str, Any]]
+
+    def method(self, name: str) -> MethodSchema:
+        if name not in self.methods:
+            raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(sorted(self.methods))}")
+        return self.methods[name]
+
+    def policy(self, name: str) -> Mapping[str, Any]:
+        if name not in self.policies:
+            raise ConfigError(f"data.views.policy: unknown policy {name!r}; known: {', '.join(sorted(self.policies))}")
+        return self.policies[name]
 
 
 def _one_line(err: OmegaConfBaseException) -> str:
@@ -408,12 +452,6 @@ def _merged(base: dict[Any, Any], update: dict[Any, Any]) -> dict[Any, Any]:
     return out
 
 
-def _method_schema(name: str) -> MethodConfig:
-    from bigssl.methods import method_config_class  # torch-free for built-ins; they import this module
-
-    return method_config_class(name)()
-
-
 @functools.cache
 def _base_schema() -> DictConfig:
     """The typed schema of every section, built once (30 ms; a copy takes 5): each load copies it."""
@@ -428,12 +466,15 @@ def _raw(recipe: str | Path | None, overrides: list[str]) -> dict[str, Any]:
     return raw
 
 
-def load(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Recipe YAML ⊕ `section.key=value` overrides → a validated, resolved `Config`."""
+def load(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = (), *,
+         registry: Registry) -> Config:
+    """Recipe YAML ⊕ `section.key=value` overrides → a validated, resolved `Config`; `registry`
+    names the methods and view policies there are (`bigssl.recipes.load` passes every registered one)."""
     raw = _raw(recipe, list(overrides))
     method = raw.get("method", {})
     method_name = method.get("name", MethodConfig.name) if isinstance(method, dict) else MethodConfig.name
-    method_schema = _method_schema(str(method_name))
+    method_entry = registry.method(str(method_name))
+    method_schema = method_entry.config_class()
     if isinstance(method, dict):
         _check_sections(method, method_schema, "method.")  # the method's own list fields
     schema = copy.deepcopy(_base_schema())
@@ -447,8 +488,8 @@ def load(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ())
         raise ConfigError(_one_line(err)) from err
     except TypeError as err:  # OmegaConf's merge of mismatched containers, should a shape slip through
         raise ConfigError(f"a value does not fit its key's type: {err}") from err
-    validate(config)
-    resolve(config)
+    validate(config, method_entry)
+    resolve(config, registry)
     check_resolved(config)
     return config
 
@@ -460,18 +501,12 @@ def get(config: Config, dotted: str) -> Any:
     return value
 
 
-def _builtin_method(name: str) -> bool:
-    from bigssl.methods.configs import CONFIGS  # torch-free; it imports this module
-
-    return name in CONFIGS
-
-
-def validate(config: Config) -> None:
+def validate(config: Config, method: MethodSchema) -> None:
+    """`method`: the schema `config.method.name` is registered with."""
     # First: the checks below compare numbers, which NaN defeats. The method fields' ranges are
     # those of the built-in methods; a plug-in's fields may mean something else.
-    check_values(config, method_ranges=_builtin_method(config.method.name))
-    choices = {**CHOICES, **{f"method.{name}": allowed
-                             for name, allowed in METHOD_CHOICES.get(config.method.name, {}).items()}}
+    check_values(config, method_ranges=method.builtin_ranges)
+    choices = {**CHOICES, **{f"method.{name}": allowed for name, allowed in method.choices.items()}}
     for key, allowed in choices.items():
         value = get(config, key)
         if value not in allowed:
@@ -535,12 +570,8 @@ def _check_log_dir(path: Path) -> None:
         return
 
 
-def _resolve_views(views: ViewsConfig) -> None:
-    from bigssl.data.policies import POLICIES, defaults
-
-    if views.policy not in POLICIES:
-        raise ConfigError(f"data.views.policy: unknown policy {views.policy!r}; known: {', '.join(sorted(POLICIES))}")
-    table = defaults(views.policy)
+def _resolve_views(views: ViewsConfig, registry: Registry) -> None:
+    table = registry.policy(views.policy)
     for name, value in table.items():
         if hasattr(views, name) and getattr(views, name) is None:
             setattr(views, name, value)
@@ -554,6 +585,7 @@ def _resolve_views(views: ViewsConfig) -> None:
         views.patch_jitter = max(0, round(table["patch_jitter_fraction"] * views.patch))
     if views.interpolation not in ("bilinear", "bicubic"):
         raise ConfigError(f"data.views.interpolation: {views.interpolation!r} is not bilinear or bicubic")
+    _check_view_kind(views)
     if len(views.mean) != len(views.std):
         raise ConfigError("data.views.mean and data.views.std must have the same length")
     if len(views.jitter) != 4:
@@ -563,9 +595,19 @@ def _resolve_views(views: ViewsConfig) -> None:
             raise ConfigError(f"data.views.{name}: must be positive, got {getattr(views, name)}")
 
 
-def resolve(config: Config) -> None:
+def _check_view_kind(views: ViewsConfig) -> None:
+    """What the views are, once the policy has filled it in."""
+    for key, allowed in (("crop", VIEW_CROPS), ("color_space", COLOR_SPACES)):
+        if getattr(views, key) not in allowed:
+            raise ConfigError(f"data.views.{key}: {getattr(views, key)!r} is not one of {', '.join(allowed)}")
+    if views.channel_split and sum(views.channel_split) != 3:
+        raise ConfigError(f"data.views.channel_split: {views.channel_split} must add up to the 3 channels of a crop "
+                          "([] = one view per crop)")
+
+
+def resolve(config: Config, registry: Registry) -> None:
     """Fill derived values so the recorded config says exactly what ran."""
-    _resolve_views(config.data.views)
+    _resolve_views(config.data.views, registry)
     optim = config.optim
     if optim.lr <= 0:
         if optim.lr_scaling == "linear":

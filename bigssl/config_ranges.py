@@ -86,6 +86,7 @@ RANGES: dict[str, Bound] = {
     "data.views.grid": AT_LEAST_ONE,
     "data.views.patch": AT_LEAST_ONE,
     "data.views.patch_jitter": NON_NEGATIVE,
+    "data.views.channel_split": AT_LEAST_ONE,
     "model.small_stem_stride": AT_LEAST_ONE,
     "model.pool_grid": AT_LEAST_ONE,
     "model.projector.hidden_dim": AT_LEAST_ONE,

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import Config, MethodConfig
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
@@ -76,7 +76,7 @@ def engine_keys(engine: str) -> list[str]:
 def make_config(method: str, *extra: str) -> Config:
     """`extra`: engine keys and other overrides; an engine kind alone may be given bare."""
     extra = tuple(e if "=" in e else f"engine.kind={e}" for e in extra)
-    return config_lib.load(None, [f"method.name={method}", *TINY_VIT, f"optim.batch_size={2 * BATCH}", *extra])
+    return recipes.load(None, [f"method.name={method}", *TINY_VIT, f"optim.batch_size={2 * BATCH}", *extra])
 
 
 def rank_batch(rank: int, step: int) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import Config
 
 GLOBAL_BATCH = 8  # 4 per rank at 2 ranks, 2 at 4
@@ -44,7 +44,7 @@ def case_config(case: str, engine: str) -> Config:
 
     # DeepSpeed clips only the global norm (its engine refuses per-parameter clipping).
     zero = ["optim.clip_grad_per_parameter=false", "optim.clip_grad=1.0"] if engine.startswith("zero") else []
-    return config_lib.load(None, [*COMMON, *CASES[case], *OVERRIDES[engine], *zero])
+    return recipes.load(None, [*COMMON, *CASES[case], *OVERRIDES[engine], *zero])
 
 
 def rank_batch(config: Config, rank: int, local_batch: int, step: int) -> dict:

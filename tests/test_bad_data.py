@@ -13,7 +13,7 @@ import webdataset as wds
 from datasets import encoded
 from helpers import QUICKSTART, run_cli
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.data.loader import BatchLoader, DataError, DataStall
 from bigssl.data.pipeline import EvalSample
 from bigssl.data.shards import Shard, ShardSet, resolve
@@ -22,7 +22,7 @@ from bigssl.errors import UserError
 from bigssl.train import train
 
 GOOD_PER_SHARD = 10
-VIEWS = config_lib.load(None, ["data.views.size=16"]).data.views
+VIEWS = recipes.load(None, ["data.views.size=16"]).data.views
 
 
 def write_tar(path: Path, records: list[dict]) -> None:
@@ -196,7 +196,7 @@ def test_the_last_metrics_record_agrees_with_the_end_of_run_summary(tmp_path: Pa
                                                  "shards": [{"name": "shard-000000.tar", "samples": 24,
                                                              "first_id": 0}]}))
     run = tmp_path / "run"
-    train(config_lib.load(QUICKSTART, [
+    train(recipes.load(QUICKSTART, [
         f"data.train={root}/shard-000000.tar", "data.val=", "data.mode=exact", "data.workers=0",
         "data.shuffle_buffer=0", "data.interleave=1", "data.views.size=16", "optim.batch_size=8", "optim.epochs=1",
         "model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=16", "model.projector.out_dim=8",

@@ -21,7 +21,7 @@ from conftest import SMALL_RUN, SMALL_RUN_ENGINES
 from engine_cases import setup
 from helpers import QUICKSTART, SMALL, run_cli, worker_env
 
-from bigssl import cli, config
+from bigssl import cli, recipes
 from bigssl.checkpoint import MANIFEST, Checkpointer
 from bigssl.distributed.engines import dcp_safe
 from bigssl.errors import CheckpointError
@@ -219,7 +219,7 @@ def test_a_damaged_fsdp_checkpoint_is_one_line_not_a_checkpoint_exception(small_
     line = one_error_line(capsys.readouterr().err)
     assert code == 2 and line.startswith(f"bigssl: error: {data_file}: unreadable (")
     # At resume it is set aside like any corrupt checkpoint, and the previous one is loaded.
-    engine = setup(config.load(run / "config.yaml", []), rank=0, world_size=1)  # a private 1-rank group
+    engine = setup(recipes.load(run / "config.yaml", []), rank=0, world_size=1)  # a private 1-rank group
     try:
         warnings: list[str] = []
         path, extra = Checkpointer(run, keep=2, is_main=True).resume(warnings.append, engine.load)

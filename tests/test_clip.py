@@ -97,11 +97,11 @@ def test_trainer_and_offline_eval_score_zero_shot_identically(tmp_path: Path):
     # run's config, its seed, no step taken), scored on the same images with the same prompts. (Any
     # random init of this tiny CLIP ranks the classes alike for every image: chance, 0.1 / 0.5 on
     # the balanced val set; a baseline taken from another score or network would not be.)
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.data.views import Photometric
     from bigssl.eval.zeroshot import zero_shot
 
-    config = config_lib.load(run / "config.yaml")
+    config = recipes.load(run / "config.yaml")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the run's process (tests/helpers.py worker_env): the same rounding
     try:

@@ -7,11 +7,12 @@ import yaml
 from helpers import QUICKSTART, run_cli
 
 from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.errors import ConfigError
 
 
 def test_quickstart_recipe_loads_with_overrides():
-    config = config_lib.load(QUICKSTART, ["optim.batch_size=512", "method.temperature=0.3", "log.dir=/tmp/x"])
+    config = recipes.load(QUICKSTART, ["optim.batch_size=512", "method.temperature=0.3", "log.dir=/tmp/x"])
     assert config.name == "simclr"
     assert config.optim.batch_size == 512
     assert config.method.temperature == 0.3
@@ -22,27 +23,27 @@ def test_quickstart_recipe_loads_with_overrides():
                 "data.samples_per_epoch": 0, "optim.batch_size": 512, "optim.epochs": 3, "optim.max_steps": 0,
                 "engine.kind": "ddp", "engine.precision": "fp32", "log.dir": "/tmp/x"}
     assert {key: config_lib.get(config, key) for key in expected} == expected
-    other = config_lib.load(QUICKSTART, ["seed=7", "data.samples_per_epoch=640", "optim.max_steps=9",
+    other = recipes.load(QUICKSTART, ["seed=7", "data.samples_per_epoch=640", "optim.max_steps=9",
                                          "engine.precision=bf16"])
     assert [config_lib.get(other, k) for k in ("seed", "data.samples_per_epoch", "optim.max_steps",
                                                "engine.precision")] == [7, 640, 9, "bf16"]
 
 
 def test_linear_and_sqrt_lr_scaling():
-    linear = config_lib.load(QUICKSTART, ["optim.base_lr=0.3", "optim.batch_size=4096"])
+    linear = recipes.load(QUICKSTART, ["optim.base_lr=0.3", "optim.batch_size=4096"])
     assert linear.optim.lr == pytest.approx(0.3 * 4096 / 256)
-    sqrt = config_lib.load(QUICKSTART, ["optim.base_lr=0.075", "optim.batch_size=4096", "optim.lr_scaling=sqrt"])
+    sqrt = recipes.load(QUICKSTART, ["optim.base_lr=0.075", "optim.batch_size=4096", "optim.lr_scaling=sqrt"])
     assert sqrt.optim.lr == pytest.approx(0.075 * math.sqrt(4096))
-    fixed = config_lib.load(QUICKSTART, ["optim.lr=0.01"])
+    fixed = recipes.load(QUICKSTART, ["optim.lr=0.01"])
     assert fixed.optim.lr == 0.01
 
 
 def test_default_log_dir_is_named_after_the_recipe():
-    assert config_lib.load(QUICKSTART).log.dir == str(Path("runs") / "simclr")
+    assert recipes.load(QUICKSTART).log.dir == str(Path("runs") / "simclr")
 
 
 def test_global_batch_must_split_over_ranks():
-    config = config_lib.load(QUICKSTART, ["optim.batch_size=256"])
+    config = recipes.load(QUICKSTART, ["optim.batch_size=256"])
     assert config_lib.per_rank_batch(config, 4) == 64
     with pytest.raises(ConfigError, match="optim.batch_size=256 is not divisible by the world size 3"):
         config_lib.per_rank_batch(config, 3)
@@ -58,7 +59,7 @@ def test_global_batch_must_split_over_ranks():
 ])
 def test_bad_config_is_rejected_naming_the_key(override: str, named: str):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
-        config_lib.load(QUICKSTART, [override])
+        recipes.load(QUICKSTART, [override])
 
 
 def test_cli_config_errors_exit_2_with_one_line(tmp_path: Path):
@@ -80,7 +81,7 @@ def test_unknown_top_level_section_in_yaml(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  batch_size: 8\nschedule:\n  warmup: 1\n")
     with pytest.raises(ConfigError, match="schedule"):
-        config_lib.load(recipe)
+        recipes.load(recipe)
 
 
 def test_print_config_prints_resolved_yaml_that_loads_back(tmp_path: Path):
@@ -88,7 +89,7 @@ def test_print_config_prints_resolved_yaml_that_loads_back(tmp_path: Path):
     assert result.returncode == 0, result.stderr
     printed = tmp_path / "printed.yaml"
     printed.write_text(result.stdout)
-    assert config_lib.load(printed) == config_lib.load(QUICKSTART, ["optim.batch_size=512"])
+    assert recipes.load(printed) == recipes.load(QUICKSTART, ["optim.batch_size=512"])
     values = yaml.safe_load(result.stdout)
     assert values["optim"]["lr"] == pytest.approx(values["optim"]["base_lr"] * 512 / 256)
 
@@ -130,7 +131,7 @@ def test_recipes_are_read_and_checked_without_importing_torch():
 ])
 def test_numeric_values_out_of_range_are_refused_naming_the_key(override: str, message: str):
     with pytest.raises(ConfigError) as caught:
-        config_lib.load(QUICKSTART, [override])
+        recipes.load(QUICKSTART, [override])
     assert str(caught.value).startswith(message)
 
 
@@ -160,12 +161,12 @@ def test_every_numeric_field_of_every_schema_has_a_range():
 
 
 def test_every_recipe_and_view_policy_is_in_range():
-    from bigssl.data.policies import POLICIES
+    from bigssl.methods.policies import POLICIES
 
     for recipe in sorted(QUICKSTART.parent.parent.glob("*/*.yaml")):
-        config_lib.load(recipe)
+        recipes.load(recipe)
     for policy in POLICIES:
-        config_lib.load(None, [f"data.views.policy={policy}"])
+        recipes.load(None, [f"data.views.policy={policy}"])
 
 
 # ---------------------------------------------------------------------- recipe files (#18)
@@ -184,18 +185,18 @@ def test_recipe_errors_name_the_file_and_place(tmp_path: Path, content: bytes, m
     recipe = tmp_path / "r.yaml"
     recipe.write_bytes(content)
     with pytest.raises(ConfigError) as caught:
-        config_lib.load(recipe)
+        recipes.load(recipe)
     assert str(caught.value).removeprefix(str(tmp_path) + "/").startswith(message), str(caught.value)
 
 
 def test_yaml_merge_keys_dates_and_empty_sections_still_read(tmp_path: Path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: 2024-05-01\nlog:\noptim:\n  <<: {batch_size: 8, epochs: 3}\n  batch_size: 16\n")
-    config = config_lib.load(recipe)
+    config = recipes.load(recipe)
     assert (config.name, config.optim.batch_size, config.optim.epochs) == ("2024-05-01", 16, 3)
-    assert config_lib.load(recipe, []).log.every_steps == 10
+    assert recipes.load(recipe, []).log.every_steps == 10
     with pytest.raises(ConfigError, match="is a directory"):
-        config_lib.load(tmp_path)
+        recipes.load(tmp_path)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -211,7 +212,7 @@ def test_yaml_merge_keys_dates_and_empty_sections_still_read(tmp_path: Path):
 ])
 def test_bad_overrides_are_refused_naming_the_key(overrides: list[str], message: str):
     with pytest.raises(ConfigError) as caught:
-        config_lib.load(QUICKSTART, overrides)
+        recipes.load(QUICKSTART, overrides)
     assert str(caught.value).startswith(message), str(caught.value)
 
 
@@ -219,7 +220,7 @@ def test_duplicate_overrides_last_wins_and_print_config_says_so(capsys: pytest.C
     from bigssl.cli import main
 
     overrides = ["optim.batch_size=256", "optim.epochs=3", "optim.batch_size=512"]
-    assert config_lib.load(QUICKSTART, overrides).optim.batch_size == 512
+    assert recipes.load(QUICKSTART, overrides).optim.batch_size == 512
     assert main(["train", str(QUICKSTART), *overrides, "--print-config"]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("# optim.batch_size is overridden 2 times (256, 512): the last one is used\n")
@@ -230,9 +231,9 @@ def test_log_dir_must_be_a_directory(tmp_path: Path):
     taken = tmp_path / "notes.txt"
     taken.write_text("mine")
     with pytest.raises(ConfigError, match=r"^log.dir: .*notes.txt is a file; a run directory is needed"):
-        config_lib.load(QUICKSTART, [f"log.dir={taken}"])  # was FileExistsError after torch had loaded
+        recipes.load(QUICKSTART, [f"log.dir={taken}"])  # was FileExistsError after torch had loaded
     with pytest.raises(ConfigError, match=r"^log.dir: .*notes.txt/run cannot be created: .*notes.txt is a file"):
-        config_lib.load(QUICKSTART, [f"log.dir={taken}/run"])
+        recipes.load(QUICKSTART, [f"log.dir={taken}/run"])
 
 
 def test_a_config_error_fails_within_a_second_without_torch():
@@ -262,5 +263,5 @@ def test_a_config_error_fails_within_a_second_without_torch():
 ])
 def test_choices_are_checked_with_the_config_before_torch(overrides: list[str], message: str):
     with pytest.raises(ConfigError) as caught:
-        config_lib.load(None, overrides)  # they were found only once the optimizer or method was built
+        recipes.load(None, overrides)  # they were found only once the optimizer or method was built
     assert str(caught.value).startswith(message)

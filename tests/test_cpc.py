@@ -8,15 +8,14 @@ import math
 import pytest
 import torch
 
-from bigssl import config as config_lib
-from bigssl import losses
+from bigssl import losses, recipes
 from bigssl.errors import ConfigError
 from bigssl.methods import build
 from bigssl.methods.cpc import ContextNetwork, oriented
 
 
 def make_config(method: str, *keys: str):
-    return config_lib.load(None, [f"method.name={method}", "model.channels_last=false", *keys])
+    return recipes.load(None, [f"method.name={method}", "model.channels_last=false", *keys])
 
 
 CPC_KEYS = ["data.views.policy=cpc", "model.backbone=resnet18", "model.backbone_args={channels: [4, 8, 8, 8], "

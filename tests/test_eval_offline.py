@@ -60,7 +60,7 @@ def test_offline_knn_on_two_processes_matches_one(trained_run: Path):
 def test_features_from_the_first_projector_layer(trained_run: Path):
     """SimCLR v2's downstream features: backbone → Linear → BN → ReLU of the projector, rebuilt
     here by hand from the checkpoint, score what `--projector-layers 1` reports."""
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.data.shards import resolve
     from bigssl.data.views import Photometric
     from bigssl.eval import knn
@@ -69,7 +69,7 @@ def test_features_from_the_first_projector_layer(trained_run: Path):
     result = run_cli("eval", "knn", str(trained_run), *EVAL_DATA, "--projector-layers", "1")
     assert result.returncode == 0, result.stderr
     reported = records(trained_run)[-1]["eval/knn_top1"]
-    config = config_lib.load(trained_run / "config.yaml", [])
+    config = recipes.load(trained_run / "config.yaml", [])
     state = torch.load(trained_run / "checkpoints" / "step_00000003" / "state.pt", weights_only=True)["method"]
     backbone = build_backbone(config.model)
     backbone.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("backbone.")})

@@ -17,7 +17,7 @@ from timm.data import create_transform, resolve_data_config
 from torchvision import transforms
 
 import bigssl
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import ModelConfig, ViewsConfig
 from bigssl.errors import ConfigError, UserError
 from bigssl.eval import hub, offline
@@ -103,7 +103,7 @@ def test_cli_export_writes_the_same_folder_or_one_file(resnet_run: Path, tmp_pat
 
 def test_dynamic_size_vit_loads_in_timm_with_no_other_argument(tmp_path: Path):
     model = ModelConfig(backbone="vit_tiny_patch16_224", backbone_args={**TINY_VIT, "dynamic_img_size": True})
-    views = config_lib.load(REPO / "recipes" / "quickstart" / "dino.yaml", []).data.views  # ImageNet mean/std
+    views = recipes.load(REPO / "recipes" / "quickstart" / "dino.yaml", []).data.views  # ImageNet mean/std
     views.size, views.resize = 28, 32
     ours = build_backbone(model).eval()
     hub.write_folder(ours.state_dict(), model, views, tmp_path / "vit")
@@ -137,7 +137,7 @@ def test_crop_pct_gives_timm_the_resize_back():
 
 
 def test_a_trunk_timm_has_no_model_for_is_written_as_one_file(tmp_path: Path):
-    config = config_lib.load(REPO / "recipes" / "quickstart" / "cmc.yaml", [])
+    config = recipes.load(REPO / "recipes" / "quickstart" / "cmc.yaml", [])
     trunk = SplitViewEncoder(config.model)  # CMC: two encoders, on L and on ab
     with pytest.raises(hub.NotOneTimmModel, match="encoders"):
         hub.reference_model(config.model, trunk.state_dict())

@@ -21,7 +21,7 @@ from datasets import make_shards, pattern
 from helpers import QUICKSTART, REPO, free_port, run_distributed, worker_env
 from torch import nn
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import MethodConfig
 from bigssl.distributed import comm, watchdog
 from bigssl.errors import EXIT_RANK_LOST
@@ -81,7 +81,7 @@ def weights_by_step(tmp_path: Path, rank: int | None = None) -> dict[int, list[f
 
 def _train_rank(rank: int, world_size: int, recipe: Path, overrides: list[str]) -> None:
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size)})  # the group is up already
-    train(config_lib.load(recipe, overrides))
+    train(recipes.load(recipe, overrides))
 
 
 @pytest.mark.distributed
@@ -101,7 +101,7 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_both(tmp_path: Path):
 def test_nonfinite_loss_skips_the_step_and_is_logged(tmp_path: Path, capfd: pytest.CaptureFixture):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("method:\n  name: test_nan_at\n")
-    train(config_lib.load(recipe, nan_overrides(tmp_path, [3, 7], limit=2)))
+    train(recipes.load(recipe, nan_overrides(tmp_path, [3, 7], limit=2)))
     weights = weights_by_step(tmp_path)
     assert weights[4] == weights[3] and weights[8] == weights[7]  # the NaN steps changed nothing
     assert weights[3] != weights[2] and weights[5] != weights[4]  # the others did
@@ -119,7 +119,7 @@ def test_nonfinite_losses_in_a_row_stop_the_run_keeping_the_last_checkpoint(tmp_
     recipe.write_text("method:\n  name: test_nan_at\n")
     # Step indices 5-9 (steps 6-10 in metrics.jsonl numbering) have NaN losses: 3 in a row stop it.
     with pytest.raises(TrainingDiverged, match=r"optim.nonfinite_limit: .* 3 steps in a row \(steps 6-8\)"):
-        train(config_lib.load(recipe, nan_overrides(tmp_path, [5, 6, 7, 8, 9], limit=3)))
+        train(recipes.load(recipe, nan_overrides(tmp_path, [5, 6, 7, 8, 9], limit=3)))
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000004", "step_00000006"]  # none after step 8; step 6's weights = step 5's
     weights = weights_by_step(tmp_path)
@@ -271,5 +271,5 @@ def test_diverging_before_the_first_checkpoint_says_there_is_none(tmp_path: Path
     # It said "The last checkpoint, None, is kept".
     with pytest.raises(TrainingDiverged, match=r"\(steps 1-1\); stopped\. No checkpoint was written yet \(a rerun "
                                                r"starts from step 0\); lower optim.base_lr"):
-        train(config_lib.load(recipe, nan_overrides(tmp_path, [0], limit=1)))
+        train(recipes.load(recipe, nan_overrides(tmp_path, [0], limit=1)))
     assert not (tmp_path / "run" / "checkpoints").exists()

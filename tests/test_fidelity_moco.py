@@ -17,12 +17,12 @@ from engine_cases import make_config, setup
 from helpers import SMALL
 from torch import nn
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.data import geometry as geo
-from bigssl.data.policies import POLICIES
 from bigssl.data.views import Geometry
 from bigssl.methods.byol import BYOL
 from bigssl.methods.mocov3 import MoCoV3, sincos_position_table
+from bigssl.methods.policies import POLICIES
 from bigssl.models.backbones import build_backbone
 from bigssl.optim import lr_schedule
 from bigssl.train import train
@@ -80,7 +80,7 @@ def test_mocov3_vit_init_is_the_official_xavier_with_qkv_split_in_three():
 
 def test_mocov3_resnet_predictor_ends_in_a_linear_without_bias():
     """builder.py:109: the ResNet predictor is _build_mlp(..., last_bn=False), bias-free Linears."""
-    config = config_lib.load(None, ["method.name=mocov3", "model.backbone=resnet18", "method.predictor_hidden_dim=16",
+    config = recipes.load(None, ["method.name=mocov3", "model.backbone=resnet18", "method.predictor_hidden_dim=16",
                                     *SMALL[:3]])
     method = setup(config, 0, 1).method
     assert isinstance(method.predictor[-1], nn.Linear) and method.predictor[-1].bias is None
@@ -134,7 +134,7 @@ def test_teacher_follows_the_official_momentum_index_through_the_trainer(tmp_pat
     _record_steps(monkeypatch, cls, log)
     recipe = yaml.safe_load((REPO / "recipes" / "quickstart" / f"{method}.yaml").read_text())
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    config = config_lib.load(tmp_path / "recipe.yaml", [
+    config = recipes.load(tmp_path / "recipe.yaml", [
         *SMALL, "method.predictor_hidden_dim=16", "method.momentum=0.5", "data.samples_per_epoch=64",
         "optim.epochs=2", "optim.max_steps=3", "optim.warmup_epochs=0", "optim.base_lr=2.0", "data.workers=0",
         "log.tensorboard=false", "log.progress=false", "eval.knn_baseline=false", "eval.knn_at_end=false",
@@ -170,7 +170,7 @@ def test_each_policy_resizes_its_crops_as_its_official_code(policy: str):
     """The resolved policy says the official mode, and Geometry's crops are resized with it: a
     crop equals the same box resized in that mode and differs from the other mode's."""
     assert set(POLICIES) == set(OFFICIAL_INTERPOLATION)
-    views = config_lib.load(None, [f"data.views.policy={policy}"]).data.views
+    views = recipes.load(None, [f"data.views.policy={policy}"]).data.views
     mode = OFFICIAL_INTERPOLATION[policy]
     assert views.interpolation == mode
     if policy in ("cpc", "clip"):  # resize, then a crop of it: no random-resized crop to compare
@@ -187,11 +187,11 @@ def test_each_policy_resizes_its_crops_as_its_official_code(policy: str):
 
 def test_mocov3_policy_is_byols_views_resized_bilinearly():
     """main_moco.py:262-285 follows BYOL's recipe in all but the resize mode."""
-    byol = config_lib.load(None, ["data.views.policy=byol"]).data.views
-    mocov3 = config_lib.load(None, ["data.views.policy=mocov3"]).data.views
+    byol = recipes.load(None, ["data.views.policy=byol"]).data.views
+    mocov3 = recipes.load(None, ["data.views.policy=mocov3"]).data.views
     differing = {k for k in vars(byol) if k != "policy" and getattr(byol, k) != getattr(mocov3, k)}
     assert differing == {"interpolation"}
-    assert config_lib.load(IMAGENET / "mocov3_vit_small.yaml", []).data.views.policy == "mocov3"
+    assert recipes.load(IMAGENET / "mocov3_vit_small.yaml", []).data.views.policy == "mocov3"
 
 
 # Whether the official ResNet zero-inits the last BN γ of each residual block (the recipes name
@@ -203,7 +203,7 @@ OFFICIAL_ZERO_INIT_LAST = {"mocov1": False, "mocov2": False, "instdisc": False, 
 
 @pytest.mark.parametrize("recipe", sorted(OFFICIAL_ZERO_INIT_LAST))
 def test_imagenet_resnet_recipes_init_the_last_bn_of_each_block_as_the_official_code(recipe: str):
-    model = config_lib.load(IMAGENET / f"{recipe}_resnet50.yaml", []).model
+    model = recipes.load(IMAGENET / f"{recipe}_resnet50.yaml", []).model
     model.backbone_args = {**model.backbone_args, "channels": [8, 8, 8, 8]}  # the same init rule, smaller
     backbone = build_backbone(model)
     last = [block.bn3.weight for block in backbone.modules() if hasattr(block, "bn3")]
@@ -216,7 +216,7 @@ def test_imagenet_resnet_recipes_init_the_last_bn_of_each_block_as_the_official_
 def test_barlow_lr_schedule_equals_the_official_one_at_any_batch(batch: int):
     """barlowtwins main.py:155-168 written out: base = batch/256; warm-up over 10 epochs, then
     a cosine from base to 0.001·base; weights × 0.2, biases and BN × 0.0048 — every step."""
-    optim = config_lib.load(IMAGENET / "barlow_resnet50.yaml", [f"optim.batch_size={batch}"]).optim
+    optim = recipes.load(IMAGENET / "barlow_resnet50.yaml", [f"optim.batch_size={batch}"]).optim
     steps_per_epoch = 3
     schedule = lr_schedule(optim, steps_per_epoch, optim.epochs * steps_per_epoch)
     max_steps, warmup_steps, base = optim.epochs * steps_per_epoch, 10 * steps_per_epoch, batch / 256
@@ -235,7 +235,7 @@ def test_barlow_lr_schedule_equals_the_official_one_at_any_batch(batch: int):
 def test_per_epoch_cosines_equal_the_official_ones(recipe: str, base_lr: float, batch: int):
     """moco main_moco.py:372-376 and simsiam main_simsiam.py:359-366: lr × ½(1 + cos(π·epoch /
     epochs)), set once at the start of each epoch; checked at every step of a whole run."""
-    optim = config_lib.load(IMAGENET / f"{recipe}_resnet50.yaml", []).optim
+    optim = recipes.load(IMAGENET / f"{recipe}_resnet50.yaml", []).optim
     assert optim.batch_size == batch
     steps_per_epoch = 5
     schedule = lr_schedule(optim, steps_per_epoch, optim.epochs * steps_per_epoch)
@@ -248,8 +248,8 @@ def test_per_epoch_cosines_equal_the_official_ones(recipe: str, base_lr: float, 
 
 def test_lr_per_epoch_holds_each_epochs_first_value_of_any_schedule():
     """Warm-up included: each step gets the per-step schedule's value at its epoch's first step."""
-    per_step = config_lib.load(None, ["optim.lr=1.0", "optim.warmup_epochs=2", "optim.min_lr=0.1"]).optim
-    per_epoch = config_lib.load(None, ["optim.lr=1.0", "optim.warmup_epochs=2", "optim.min_lr=0.1",
+    per_step = recipes.load(None, ["optim.lr=1.0", "optim.warmup_epochs=2", "optim.min_lr=0.1"]).optim
+    per_epoch = recipes.load(None, ["optim.lr=1.0", "optim.warmup_epochs=2", "optim.min_lr=0.1",
                                        "optim.lr_per_epoch=true"]).optim
     smooth, stepped = lr_schedule(per_step, 4, 40), lr_schedule(per_epoch, 4, 40)
     assert [stepped(s) for s in range(40)] == [smooth(4 * (s // 4)) for s in range(40)]

@@ -19,6 +19,7 @@ from helpers import REPO, run_cli
 from PIL import Image
 
 from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.data.pipeline import TrainData
 from bigssl.data.position import Consumed
 from bigssl.data.shards import resolve
@@ -87,7 +88,7 @@ def pattern(out: Path) -> str:
 
 
 def clip_config(train: str, *extra: str) -> config_lib.Config:
-    return config_lib.load(REPO / "recipes" / "quickstart" / "clip.yaml",
+    return recipes.load(REPO / "recipes" / "quickstart" / "clip.yaml",
                            [f"data.train={train}", "data.val=", "data.workers=0", "optim.batch_size=4", *TINY, *extra])
 
 

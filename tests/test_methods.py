@@ -15,7 +15,7 @@ import yaml
 from engine_cases import BATCH, make_config, setup
 from helpers import QUICKSTART, SMALL
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.methods.dino import DINO
 from bigssl.train import train
 
@@ -179,7 +179,7 @@ def test_simclr_loss_is_nt_xent_of_its_projections_over_all_views(views: int):
     """Two views: NT-Xent; more (and local crops): every other view of an image is a positive.
     Recomputed here from the backbone and projector on the same views, in eval mode (fixed BN)."""
     from bigssl import losses
-    from bigssl.data.views import flat
+    from bigssl.methods.base import flat
 
     engine = engine_for("simclr", "model.backbone_args.dynamic_img_size=true")
     method = engine.method.eval()
@@ -300,7 +300,7 @@ def test_trainer_applies_frozen_groups_fixed_lr_and_the_weight_decay_schedule(tm
     recipe = yaml.safe_load(QUICKSTART.read_text())
     recipe["method"] = {"name": "dino", "out_dim": 64, "hidden_dim": 32, "bottleneck_dim": 16}
     (tmp_path / "dino.yaml").write_text(yaml.safe_dump(recipe))
-    config = config_lib.load(tmp_path / "dino.yaml", [*SMALL, "data.views.policy=dino",
+    config = recipes.load(tmp_path / "dino.yaml", [*SMALL, "data.views.policy=dino",
                                           "data.views.local_crops=2", "data.samples_per_epoch=64",
                                           "optim.epochs=2", "optim.weight_decay=0.04", "log.tensorboard=false",
                                           "log.progress=false", "eval.knn_baseline=false", f"log.dir={run}",
@@ -365,7 +365,7 @@ def test_every_recipe_resolves_and_builds_its_method(recipe: Path):
     and one for ab), and the standard ImageNet trunks their published counts."""
     from bigssl.methods import build
 
-    config = config_lib.load(recipe, [])
+    config = recipes.load(recipe, [])
     assert config.method.name in recipe.stem
     method = build(config)
     count = sum(p.numel() for p in method.backbone.parameters())

@@ -260,7 +260,7 @@ def test_quickstart_recipe_trains_two_steps_through_the_trainer(tmp_path: Path, 
 
     from helpers import REPO, SMALL
 
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.data import quickstart
     from bigssl.methods.base import Method
     from bigssl.train import train
@@ -276,7 +276,7 @@ def test_quickstart_recipe_trains_two_steps_through_the_trainer(tmp_path: Path, 
     path = REPO / "recipes" / "quickstart" / f"{recipe}.yaml"
     overrides = [*SMALL, f"log.dir={tmp_path / 'run'}", "optim.max_steps=2", "eval.knn_at_end=false",
                  "eval.knn_baseline=false", "eval.knn_pixels=false", "log.tensorboard=false", "log.progress=false"]
-    train(config_lib.load(path, overrides))
+    train(recipes.load(path, overrides))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["loss"] for r in records if "loss" in r]
     assert len(logged) == len(seen) == 2

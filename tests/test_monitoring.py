@@ -68,7 +68,7 @@ def test_logged_health_probe_and_loss_are_those_of_the_step_recomputed(tmp_path:
     (unbiased, averaged over dimensions), RankMe (exp of the entropy of σ/Σσ + 1e-7), the probe's
     cross-entropy and top-1 on the labelled samples, and the method's own loss (the probe's
     cross-entropy is trained alongside but not logged in it)."""
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.methods.base import Method
     from bigssl.train import train
 
@@ -84,7 +84,7 @@ def test_logged_health_probe_and_loss_are_those_of_the_step_recomputed(tmp_path:
 
     monkeypatch.setattr(Method, "forward", recording)
     run = tmp_path / "run"
-    train(config_lib.load(QUICKSTART, [
+    train(recipes.load(QUICKSTART, [
         *SMALL, "model.backbone_args.channels=[4,4,4,4]", "data.views.size=8", "data.views.resize=8",
         "optim.max_steps=3", "data.workers=0", "eval.online_probe_classes=10", "eval.knn_baseline=false",
         "eval.knn_at_end=false", "eval.knn_pixels=false", "log.tensorboard=false", "log.progress=false",

@@ -239,12 +239,12 @@ def test_a_whole_run_steps_with_the_scheduled_lr_at_every_step(tmp_path, case: s
 
     from helpers import QUICKSTART, SMALL
 
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.train import train
 
     overrides, warmup = LR_RUNS[case]
     run = tmp_path / "run"
-    train(config_lib.load(QUICKSTART, [
+    train(recipes.load(QUICKSTART, [
         *SMALL, "model.backbone_args.channels=[4,4,4,4]", "data.views.size=8", "data.views.resize=8",
         "data.samples_per_epoch=64", "optim.batch_size=16", f"optim.epochs={LR_EPOCHS}", "optim.base_lr=0.8",
         "optim.lr_scaling=linear", "data.workers=0", "eval.online_probe_classes=10", f"eval.online_probe_lr={PROBE_LR}",

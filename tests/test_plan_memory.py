@@ -23,12 +23,12 @@ def test_memory_model_matches_bench_memory(engine: str):
     import bench_memory
     from memory_method import FEATURES_METHOD
 
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.plan.engines import OVERRIDES, engine_memory
     from bigssl.plan.trace import trace
 
     measured = bench_memory.measure("vit_tiny_patch16_224", engine, TINY_VIT, side=32)
-    config = config_lib.load(None, [f"method.name={FEATURES_METHOD}", "model.backbone=vit_tiny_patch16_224",
+    config = recipes.load(None, [f"method.name={FEATURES_METHOD}", "model.backbone=vit_tiny_patch16_224",
                                     "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
                                     "optim.batch_size=2", "data.views.size=32", *TINY_VIT, *OVERRIDES[engine]])
     predicted = engine_memory(trace(config, 2), engine, "adamw", "fp32")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bigssl import config as config_lib
+from bigssl import recipes
 
 TINY_DINO = ["method.name=dino", "model.backbone=vit_tiny_patch16_224", "model.channels_last=false",
              "model.backbone_args={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, num_heads: 2, "
@@ -52,7 +52,7 @@ def test_trace_after_deepspeed_replaced_linear_is_torch_linear_trace(monkeypatch
 
     from bigssl.plan.trace import trace
 
-    config = config_lib.load(None, TINY_DINO)
+    config = recipes.load(None, TINY_DINO)
     plain = trace(config, 2)
     monkeypatch.setattr(torch.nn.functional, "linear", zero3_linear_wrap)
     after = trace(config, 2)

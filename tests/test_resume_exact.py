@@ -19,7 +19,7 @@ from helpers import run_distributed
 from PIL import Image
 from torch import nn
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import MethodConfig
 from bigssl.data.write import Sample, write_shards
 from bigssl.distributed import comm
@@ -77,7 +77,7 @@ def test_exact_epoch_resumes_where_it_stopped(tmp_path: Path):
                  "checkpoint.every_steps=0", "log.tensorboard=false", "log.progress=false",
                  f"method.out={ids_file}"]
 
-    train(config_lib.load(recipe, [*overrides, "optim.max_steps=5"]))  # stops mid-epoch, checkpoints step 5
+    train(recipes.load(recipe, [*overrides, "optim.max_steps=5"]))  # stops mid-epoch, checkpoints step 5
     first = recorded(ids_file)
     assert len(first) == 5 and all(len(batch) == BATCH for batch in first)
     saved = torch.load(tmp_path / "run" / "checkpoints" / "step_00000005" / "state.pt", weights_only=True)
@@ -88,7 +88,7 @@ def test_exact_epoch_resumes_where_it_stopped(tmp_path: Path):
                                                        strict=True)}
     assert consumed_ids == {i for batch in first for i in batch}  # the position is what was trained on
 
-    train(config_lib.load(recipe, overrides))  # same log.dir: resumes at step 5 and finishes the epoch
+    train(recipes.load(recipe, overrides))  # same log.dir: resumes at step 5 and finishes the epoch
     everything = [i for batch in recorded(ids_file) for i in batch]
     assert len(everything) == (SAMPLES // BATCH) * BATCH  # 14 steps; the 6-sample tail fills no step
     assert len(set(everything)) == len(everything)  # none twice
@@ -122,7 +122,7 @@ def replay_overrides(data: str, run: Path, ids: str, world_size: int) -> list[st
 
 def _train_or_stop(recipe: Path, overrides: list[str], stops: bool) -> None:
     try:
-        train(config_lib.load(recipe, overrides))
+        train(recipes.load(recipe, overrides))
         assert not stops, "the run was expected to stop on its signal"
     except Stopped:
         assert stops, "the run stopped without a signal"
@@ -180,5 +180,5 @@ def test_a_stop_signal_during_start_up_stops_after_the_first_step(tmp_path: Path
     run = tmp_path / "run"
     overrides = replay_overrides(textured_shards(tmp_path / "ds"), run, str(tmp_path / "ids-{rank}.txt"), 1)
     with pytest.raises(Stopped, match="SIGUSR1 received: stopped after step 1"):
-        train(config_lib.load(recipe, [*overrides, "method.signal_when_built=true"]))
+        train(recipes.load(recipe, [*overrides, "method.signal_when_built=true"]))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]

@@ -8,15 +8,16 @@ import random
 import pytest
 import torch
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import ModelConfig
 from bigssl.data import geometry as geo
-from bigssl.data.views import EvalGeometry, Geometry, Photometric, flat, view_grid
+from bigssl.data.views import EvalGeometry, Geometry, Photometric, view_grid
+from bigssl.methods.base import flat
 from bigssl.models.backbones import build_backbone
 
 
 def views_for(policy: str, *overrides: str):
-    return config_lib.load(None, [f"data.views.policy={policy}", *overrides]).data.views
+    return recipes.load(None, [f"data.views.policy={policy}", *overrides]).data.views
 
 
 def test_policies_resolve_to_the_published_settings():

@@ -54,7 +54,7 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str, overrides:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from memory_method import FEATURES_METHOD  # registers the method
 
-    from bigssl import config as config_lib
+    from bigssl import recipes
     from bigssl.distributed import comm, env
     from bigssl.distributed.engines import build_engine
     from bigssl.methods.base import build
@@ -63,9 +63,9 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str, overrides:
     dist_env = env.detect()
     env.init(dist_env, backend="gloo")
     assert comm.world_size() == 2, f"rank {rank} sees world size {comm.world_size()}"
-    config = config_lib.load(None, [f"method.name={FEATURES_METHOD}", f"model.backbone={model}",
-                                    "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
-                                    "optim.batch_size=2", *ENGINES[engine], *overrides])
+    config = recipes.load(None, [f"method.name={FEATURES_METHOD}", f"model.backbone={model}",
+                                 "model.channels_last=false", "optim.name=adamw", "optim.lr=0.0001",
+                                 "optim.batch_size=2", *ENGINES[engine], *overrides])
     torch.manual_seed(0)
     method = build(config)
     engine_ = build_engine(config, dist_env, torch.device("cpu"))

@@ -34,8 +34,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image, ImageFilter, ImageOps
 
-from bigssl import config as config_lib
-from bigssl import runtime
+from bigssl import recipes, runtime
 from bigssl.data.decode import decode_rgb
 from bigssl.data.views import Geometry, Photometric
 
@@ -111,7 +110,7 @@ def run_ours(images: list[bytes], batch: int, geometry: Geometry, photometric: P
 
 
 def views_config(policy: str, local_crops: int):
-    return config_lib.load(None, [f"data.views.policy={policy}", f"data.views.local_crops={local_crops}"]).data.views
+    return recipes.load(None, [f"data.views.policy={policy}", f"data.views.local_crops={local_crops}"]).data.views
 
 
 def main() -> None:

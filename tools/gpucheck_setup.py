@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import Config
 from bigssl.data.write import Sample, write_shards
 
@@ -32,7 +32,7 @@ class Profile:
     compiled: object = None  # the compile check, set by gpucheck_run once the eager run has a baseline
 
     def config(self, *extra: str) -> Config:
-        return config_lib.load(REPO / self.recipe, [*self.overrides, *extra])
+        return recipes.load(REPO / self.recipe, [*self.overrides, *extra])
 
 
 def profiles(cpu: bool) -> dict[str, Profile]:

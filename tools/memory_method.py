@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigssl.config import MethodConfig
-from bigssl.data.views import flat
-from bigssl.methods.base import Method, register
+from bigssl.methods.base import Method, flat, register
 from bigssl.models.backbones import build_backbone
 
 FEATURES_METHOD = "bench_features"

@@ -105,7 +105,7 @@ class TrainData:
         skipped samples also in `bad`). `replay`: the epoch exactly as from its start, with the
         consumed samples passed over (same layout as when they were consumed)."""
         data = self.config.data
-        sample = TrainSample(self.geometry, data.require_labels, data.fast_decode, text=data.views.policy == "clip")
+        sample = TrainSample(self.geometry, data.require_labels, data.fast_decode, text=bool(data.views.text))
         exact = consumed if self.exact else None
         stream = ShardStream(self.shards, sample, self.spec(epoch, restart_step), exact,
                              replay_bad=bad if self.exact and replay else None, seed_samples=True)

@@ -8,7 +8,9 @@
   groups [B, V, C, S, S] into float groups [V, B, C, S, S] whose `flatten(0, 1)` is a
   channels-last [V·B, C, S, S] batch ready for the backbone.
 
-Policy settings come from `data.views` (see bigssl/data/policies.py for the published values).
+Policy settings come from `data.views` (bigssl/methods/policies.py has the published values),
+resolved before anything here runs: what the views are (`crop`, `color_space`, `channel_split`)
+is read from those fields, never from the policy's name, so no code here knows a method.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ class Geometry:
         v = self.views
         rng = rng or random  # the module offers the same draws as a Random
         batch = geo.as_batch(image)
-        if v.policy == "cpc":
+        if v.crop == "patch_grid":
             resized = geo.resize_short_side(batch, v.resize, v.interpolation)
             box = geo.random_box(*resized.shape[-2:], v.size, rng)
             crop = geo.crop_resize(resized, box, v.size, flip=rng.random() < v.flip_prob)
             return [geo.patch_grid(geo.as_batch(crop), v.grid, v.patch, v.patch_jitter, rng)]
-        if v.policy == "clip":
+        if v.crop == "random_square":
             resized = geo.resize_short_side(batch, v.resize, v.interpolation)
             box = geo.random_box(*resized.shape[-2:], v.size, rng)
             return [geo.crop_resize(resized, box, v.size).unsqueeze(0)]
@@ -86,7 +88,8 @@ class GroupSpec:
     views: tuple[ph.ViewSpec, ...]
     blur_kernel: int
     grayscale_first: bool = False
-    output: str = "rgb"  # rgb | lab (CMC: two groups, L and ab)
+    output: str = "rgb"  # rgb | lab
+    channel_split: tuple[int, ...] = ()  # channels of each view given as views of their own, e.g. L and ab
 
 
 def group_specs(v: ViewsConfig) -> list[GroupSpec]:
@@ -94,13 +97,14 @@ def group_specs(v: ViewsConfig) -> list[GroupSpec]:
         return ph.ViewSpec(jitter=tuple(v.jitter), jitter_prob=v.jitter_prob, grayscale_prob=v.grayscale_prob,
                            blur_prob=blur, blur_sigma=tuple(v.blur_sigma), solarize_prob=solarize)
 
-    if v.policy == "cpc":  # every patch draws its own colour dropping
+    if v.crop == "patch_grid":  # every patch draws its own colour dropping
         patch_spec = spec(_per_view(v.blur_prob, 1)[0], _per_view(v.solarize_prob, 1)[0])
         return [GroupSpec((patch_spec,) * v.grid**2, ph.blur_kernel_size(v.patch, v.blur_sigma[1]))]
     blur, solar = _per_view(v.blur_prob, v.views), _per_view(v.solarize_prob, v.views)
     groups = [GroupSpec(tuple(spec(b, s) for b, s in zip(blur, solar, strict=True)),
                         ph.blur_kernel_size(v.size, v.blur_sigma[1]), v.grayscale_first,
-                        "lab" if v.policy == "cmc" else "rgb")]
+                        v.color_space or "rgb", tuple(v.channel_split or ()))]
+    # Local crops stay RGB, one view each: the colour space and split are the global crops'.
     if v.local_crops:
         groups.append(GroupSpec((spec(v.local_blur_prob, v.local_solarize_prob),) * v.local_crops,
                                 ph.blur_kernel_size(v.local_size, v.blur_sigma[1]), v.grayscale_first))
@@ -158,8 +162,8 @@ class Photometric:
                 x = rows[part].to(torch.float32, memory_format=torch.contiguous_format).div_(255)
                 x = ph.augment(x, params.rows(part), spec.blur_kernel, spec.grayscale_first)
                 (self._to_lab if spec.output == "lab" else self._normalize_rgb)(x, out=result[part])
-            if spec.output == "lab":  # CMC: L and ab are two views
-                out += [result[:, :1].unflatten(0, (count, batch)), result[:, 1:].unflatten(0, (count, batch))]
+            if spec.channel_split:  # e.g. L and ab: each part of the channels a group of its own
+                out += [part.unflatten(0, (count, batch)) for part in result.split(list(spec.channel_split), dim=1)]
             else:
                 out.append(result.unflatten(0, (count, batch)))
         return out
@@ -174,11 +178,6 @@ def _chunks(rows: int, pixels: int, device: torch.device) -> list[slice]:
     the whole batch: its ops are launch-bound, not cache-bound."""
     step = rows if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // pixels)
     return [slice(start, start + step) for start in range(0, rows, step)]
-
-
-def flat(group: torch.Tensor) -> torch.Tensor:
-    """[V, B, C, H, W] → [V·B, C, H, W], view-major: the first B rows are view 0."""
-    return group.flatten(0, 1)
 
 
 def view_grid(groups: list[torch.Tensor], photometric: Photometric, count: int = 4) -> torch.Tensor:

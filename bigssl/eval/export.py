@@ -4,22 +4,17 @@ state-dict names, no head) from `bigssl export RUN OUT.safetensors`."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
 from bigssl import files
-from bigssl.checkpoint import Checkpointer, verify_alone
 from bigssl.config import Config
-from bigssl.errors import CheckpointError, UserError
+from bigssl.errors import UserError
 from bigssl.eval import hub
-
-if TYPE_CHECKING:
-    from bigssl.eval.offline import SavedRun
+from bigssl.eval.runs import checkpoint_dir, locate
 
 RUN_FOLDER = "backbone"  # in the run directory; CMC, whose trunk timm has no model for: backbone.safetensors
 
@@ -43,27 +38,6 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
                                                                                    "producer": "bigssl"}))
 
 
-def checkpoint_dir(run_or_checkpoint: Path) -> Path:
-    """A run directory means its newest published checkpoint; a checkpoint directory itself.
-    Either is verified (manifest, checksums, safe parsing: bigssl/checkpoint.py) before anything
-    reads it, and refused when it fails: export and eval name the problem, they do not pick
-    another checkpoint behind the user's back."""
-    older: list[Path] = []
-    if (run_or_checkpoint / "checkpoints").is_dir():
-        *older, checkpoint = Checkpointer(run_or_checkpoint, keep=1, is_main=False).published() or [None]
-        if checkpoint is None:
-            raise UserError(f"{run_or_checkpoint}: the run has no published checkpoint")
-    elif not run_or_checkpoint.is_dir():
-        raise UserError(f"{run_or_checkpoint}: no such run or checkpoint directory")
-    else:
-        checkpoint = run_or_checkpoint
-    problem = verify_alone(checkpoint)
-    if problem is not None:
-        hint = f"; an older checkpoint of the run may be given instead: {older[-1]}" if older else ""
-        raise CheckpointError(f"checkpoint not loaded: {checkpoint}{os.sep}{problem}{hint}")
-    return checkpoint
-
-
 def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str | None]:
     """Write the backbone of any engine's checkpoint to `out`: one safetensors file when `out`
     ends in .safetensors, else a folder in timm's hub layout (which needs the run's config.yaml).
@@ -71,7 +45,7 @@ def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str 
     from bigssl.distributed.engines.consolidate import backbone_state
 
     single_file = out.suffix == ".safetensors"
-    saved = None if single_file else _run_of(run_or_checkpoint)  # which verifies the checkpoint
+    saved = None if single_file else locate(run_or_checkpoint)  # which verifies the checkpoint
     checkpoint = saved.checkpoint if saved else checkpoint_dir(run_or_checkpoint)
     try:
         state = backbone_state(checkpoint)
@@ -87,9 +61,3 @@ def export_backbone(run_or_checkpoint: Path, out: Path) -> tuple[Path, int, str 
                         f"this trunk, export it as one file: bigssl export {run_or_checkpoint} OUT.safetensors"
                         ) from None
     return checkpoint, len(state), line
-
-
-def _run_of(run_or_checkpoint: Path) -> SavedRun:
-    from bigssl.eval.offline import locate  # offline imports this module
-
-    return locate(run_or_checkpoint)

@@ -17,15 +17,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bigssl import config as config_lib
-from bigssl.checkpoint import PATTERN
-from bigssl.config import Config
 from bigssl.data.shards import resolve
 from bigssl.data.views import Photometric
 from bigssl.distributed import env as env_lib
 from bigssl.errors import UserError
 from bigssl.eval import knn, linear, zeroshot
-from bigssl.eval.export import checkpoint_dir
+from bigssl.eval.runs import SavedRun, locate
 from bigssl.models.heads import projector_prefix
 from bigssl.monitor import Monitor
 
@@ -45,24 +42,6 @@ class EvalOptions:
     projector_layers: int = 0  # features after this many projector layers (SimCLR v2: 1); 0 = backbone
     classnames: str = "auto"  # zeroshot: auto | imagenet | a file (bigssl.eval.prompts)
     templates: str = "auto"  # zeroshot: auto | imagenet | a file
-
-
-@dataclass
-class SavedRun:
-    run_dir: Path
-    checkpoint: Path
-    step: int
-    config: Config
-
-
-def locate(source: Path) -> SavedRun:
-    checkpoint = checkpoint_dir(source)
-    run_dir = source if (source / "checkpoints").is_dir() else checkpoint.parent.parent
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise UserError(f"{source}: no config.yaml in the run directory {run_dir} (needed to rebuild the backbone)")
-    match = PATTERN.match(checkpoint.name)
-    return SavedRun(run_dir, checkpoint, int(match.group(1)) if match else 0, config_lib.load(config_path, []))
 
 
 def load_backbone(saved: SavedRun, device: torch.device, projector_layers: int = 0) -> nn.Module:

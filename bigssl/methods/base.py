@@ -25,8 +25,22 @@ from torch import nn
 
 from bigssl.config import Config, MethodConfig
 from bigssl.errors import ConfigError
+from bigssl.methods import schemas
+from bigssl.methods.configs import CONFIGS
 
-Batch = dict[str, Any]  # {"views": list[Tensor], "label"?: Tensor, "text"?: ...}
+# What `training_step` receives (the data pipeline makes it; a method needs nothing of bigssl.data):
+#   "views": one float tensor [V, B, C, S, S] per group of crops of one size, channels-last
+#            rows: the global crops (V = data.views.views), then the local crops if any
+#            (data.views.local_crops); a policy with a channel split gives one group per part
+#            of the global crops' channels instead (CMC: L [V, B, 1, S, S], then ab [V, B, 2, S, S]);
+#            a patch-grid policy one group of grid² patches per image (CPC: [grid², B, C, P, P]);
+#   "label": [B] (−1 = none), "id": [B] sample ids, "text": [B] captions (data.views.text).
+Batch = dict[str, Any]
+
+
+def flat(group: torch.Tensor) -> torch.Tensor:
+    """[V, B, C, H, W] → [V·B, C, H, W], view-major: the first B rows are view 0."""
+    return group.flatten(0, 1)
 
 
 class Method(nn.Module):
@@ -132,6 +146,7 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
         if name in _REGISTRY:
             raise ValueError(f"method {name!r} registered twice")
         _REGISTRY[name] = cls
+        schemas.register_schema(name, cls.config_class)  # recipes naming it now parse
         return cls
 
     return add
@@ -139,18 +154,14 @@ def register(name: str) -> Callable[[type[Method]], type[Method]]:
 
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        from bigssl.methods import load_builtin
-
-        load_builtin(name)
+        schemas.load_builtin(name)
     if name not in _REGISTRY:
         raise ConfigError(f"method.name: unknown method {name!r}; known: {', '.join(names())}")
     return _REGISTRY[name]
 
 
 def method_config_class(name: str) -> type[MethodConfig]:
-    from bigssl.methods import method_config_class as lookup
-
-    return lookup(name)
+    return schemas.method_config_class(name)
 
 
 def build(config: Config) -> Method:
@@ -159,6 +170,4 @@ def build(config: Config) -> Method:
 
 def names() -> list[str]:
     """Every built-in method and every plug-in registered so far."""
-    from bigssl.methods.configs import CONFIGS
-
     return sorted(set(CONFIGS) | set(_REGISTRY))

@@ -2,7 +2,8 @@
 
 This module imports no torch: reading and checking a recipe (`bigssl train R --print-config`,
 every config error) needs only these schemas, and must not wait seconds for torch and timm.
-A method file takes its class from here; `CONFIGS` maps `method.name` to it.
+A method file takes its class from here; `CONFIGS` maps `method.name` to it, `CHOICES` the
+allowed values of its text fields (bigssl/methods/schemas.py registers both for config parsing).
 """
 from __future__ import annotations
 
@@ -155,4 +156,10 @@ CONFIGS: dict[str, type[MethodConfig]] = {
     "simclr": SimCLRConfig,
     "simsiam": SimSiamConfig,
     "swav": SwAVConfig,
+}
+
+# The allowed values of built-in methods' text fields (a plug-in method checks its own).
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "instdisc": {"loss": ("nce", "softmax")},
+    "cmc": {"loss": ("nce", "softmax"), "objective": ("bank", "batch")},
 }

@@ -26,10 +26,9 @@ from torch import nn
 
 from bigssl import health, losses
 from bigssl.config import Config
-from bigssl.data.views import flat
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, flat, register
 from bigssl.methods.configs import DINOConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.vit_positions import use_dino_position_table

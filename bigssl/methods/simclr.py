@@ -13,8 +13,7 @@ import torch
 
 from bigssl import losses
 from bigssl.config import Config
-from bigssl.data.views import flat
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, flat, register
 from bigssl.methods.configs import SimCLRConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector

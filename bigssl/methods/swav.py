@@ -20,10 +20,9 @@ from torch import nn
 
 from bigssl import health, losses
 from bigssl.config import Config
-from bigssl.data.views import flat
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, flat, register
 from bigssl.methods.configs import SwAVConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bigssl import config as config_lib
+from bigssl import recipes
 from bigssl.config import Config
 from bigssl.distributed.collective import Collective
 from bigssl.plan.devices import GPUS_PER_NODE, PLANNED, Device
@@ -129,7 +130,7 @@ def _note(config: Config, engine: str, trace: Trace) -> str:
 
 def plan(recipe: str, gpus: int, gpu: str = "h100", link_gbps: float | None = None,
          overrides: list[str] | tuple[str, ...] = (), samples: int | None = None, cache: bool = True) -> Plan:
-    config = config_lib.load(recipe, list(overrides))
+    config = recipes.load(recipe, list(overrides))
     device = PLANNED[gpu]
     local_batch = config_lib.per_rank_batch(config, gpus)
     if link_gbps is None:

@@ -6,9 +6,10 @@ parser that cannot run code: torch's weights-only unpickler for `.pt` files (ten
 and plain values, plus the handful of DeepSpeed classes its files hold, allowed by name), and a
 restricted unpickler for DCP's `.metadata` (bigssl/distributed/engines/dcp_safe.py).
 
-`inspect(checkpoint, name)` parses one file of a checkpoint the way its engine will, without
-reading tensor data (`.pt` files are memory-mapped), so that resume, export and eval refuse a
-file before anything acts on it; every failure is a CheckpointError naming the file.
+`file_check.inspect(checkpoint, name)` parses one file of a checkpoint with these readers, the
+way its engine will, without reading tensor data (`.pt` files are memory-mapped), so that
+resume, export and eval refuse a file before anything acts on it; every failure is a
+CheckpointError naming the file.
 """
 
 from __future__ import annotations
@@ -97,20 +98,3 @@ def _whole_archive(path: Path, mmap: bool) -> None:
     EINVAL, so say what it is first (an unmapped load names it itself)."""
     if mmap and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: unreadable (not a whole torch archive: truncated, or not written by torch)")
-
-
-def inspect(checkpoint: Path, name: str) -> None:
-    """Parse `checkpoint/name` as its engine will (tensor data left on disk); raises
-    CheckpointError naming the file when it is unreadable or holds more than it may."""
-    path = checkpoint / name
-    parts = Path(name).parts
-    if name.endswith(".pt") and parts[0] == DEEPSPEED_DIR:
-        load_deepspeed_file(path, mmap=True)
-    elif name.endswith(".pt"):
-        load_tensors(path, mmap=True)
-    elif parts[-1] == ".metadata":
-        from bigssl.distributed.engines import dcp_safe
-
-        dcp_safe.inspect(path.parent)
-    # Anything else is never parsed by bigssl: DCP's data files are read through the checked
-    # .metadata, DeepSpeed's `latest` names a tag bigssl does not use, its scripts are not run.

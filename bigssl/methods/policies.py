@@ -16,6 +16,17 @@ the TensorFlow pipelines (SimCLR, BYOL) resize without it, a difference left in 
 A recipe names a policy in `data.views.policy`; every `data.views` field it leaves empty takes
 the value below, so `--print-config` shows exactly what runs. Sizes given as fractions of the
 global crop scale with it: a 32 px recipe gets 14 px local crops, not 96 px ones.
+
+A policy also declares what it produces, in the same fields, so that the data pipeline never
+needs to know which method's policy it runs (bigssl/data/ names no method): `crop` (how an
+image is cut: random-resized crops, one random square of the resized image, or that square cut
+into a grid of patches), `color_space` of the global crops (rgb or CIE Lab), `channel_split`
+(each global crop's channels as separate views: CMC's L and ab) and `text` (the batch carries
+each sample's caption). The views a method receives are laid out as bigssl/methods/base.py
+documents (`Batch`).
+
+These tables reach config parsing by registration (bigssl/recipes.py passes them in): config.py
+imports no policy.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ _COMMON: dict[str, Any] = {
     "blur_prob": [0.0], "local_blur_prob": 0.0, "blur_sigma": [0.1, 2.0], "solarize_prob": [0.0],
     "local_solarize_prob": 0.0, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize_fraction": 256 / 224,
     "grid": 7, "patch_fraction": 64 / 256, "patch_jitter_fraction": 4 / 64,
+    # What the views are (the module docstring): random-resized crops in RGB, one view per crop, no text.
+    "crop": "random_resized", "color_space": "rgb", "channel_split": [], "text": False,
 }
 
 POLICIES: dict[str, dict[str, Any]] = {
@@ -69,13 +82,13 @@ POLICIES: dict[str, dict[str, Any]] = {
     # CMC (train_CMC.py:143-149, bilinear): one crop (0.2, 1: --crop_low, train_CMC.py:88; 0.08
     # for ResNets on ImageNet, train_CMC.py:95-97, as its ImageNet recipe sets) and a flip, no
     # colour jitter; the view pair is L and ab of Lab.
-    "cmc": {"views": 1, "crop_scale": [0.2, 1.0]},
+    "cmc": {"views": 1, "crop_scale": [0.2, 1.0], "color_space": "lab", "channel_split": [1, 2]},
     # CPC v1: random 256 crop of a 300 px resize, 7 × 7 patches of 64 px at stride 32, each a
     # random 60 px sub-crop padded back to 64; greyscale; flip. No official code: bilinear.
-    "cpc": {"size": 256, "views": 1, "resize_fraction": 300 / 256, "grayscale_prob": 1.0},
+    "cpc": {"size": 256, "views": 1, "resize_fraction": 300 / 256, "grayscale_prob": 1.0, "crop": "patch_grid"},
     # CLIP: a random square crop of the resized image is the only augmentation; CLIP's statistics;
     # bicubic, as the released preprocessing (clip.py:79-86; the training code is not public).
-    "clip": {"views": 1, "resize_fraction": 1.0, "interpolation": "bicubic",
+    "clip": {"views": 1, "resize_fraction": 1.0, "interpolation": "bicubic", "crop": "random_square", "text": True,
              "mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
 }
 
