@@ -1,6 +1,10 @@
 """Small recipes for the planner's exactness tests: every kind of collective a method makes
 (gathered negatives, global BatchNorm, centre, shuffle-BN and queue, Sinkhorn, memory bank,
-differentiable cross-correlation), on widths that 2 and 4 ranks do not divide (FSDP2 pads)."""
+differentiable cross-correlation), on widths that 2 and 4 ranks do not divide (FSDP2 pads).
+Two cases step with LARS, whose trust ratios take collectives under the sharding engines (ZeRO's
+partial-norm all-reduce per partition, DTensor's norm reductions under FSDP2): SimCLR with rule
+lars (biases and norms not adapted, one adapting group), DINO with rule larc and every tensor
+adapted (SwAV's recipe; two adapting groups: the head's last layer has its own)."""
 
 from __future__ import annotations
 
@@ -20,11 +24,12 @@ COMMON = ["data.views.size=32", "model.projector.hidden_dim=22", "model.projecto
           "optim.lr=0.001", "optim.clip_grad=1.0", f"optim.batch_size={GLOBAL_BATCH}"]
 
 CASES: dict[str, list[str]] = {
-    "simclr_vit_sync_bn": ["method.name=simclr", *TINY_VIT, "engine.sync_bn=true"],
+    "simclr_vit_sync_bn": ["method.name=simclr", *TINY_VIT, "engine.sync_bn=true", "optim.name=lars"],
     "dino_resnet": ["method.name=dino", *TINY_RESNET, "data.views.policy=dino", "data.views.local_crops=2",
                     "data.views.local_size=16", "method.out_dim=50", "method.hidden_dim=24",
                     "method.bottleneck_dim=12", "method.freeze_last_layer_epochs=0", "optim.clip_grad=0.0",
-                    "optim.clip_grad_per_parameter=true", "method.teacher_temp_warmup_epochs=0"],
+                    "optim.clip_grad_per_parameter=true", "method.teacher_temp_warmup_epochs=0", "optim.name=lars",
+                    "optim.lars_rule=larc", "optim.exclude_bias_norm=false"],
     "mocov2_resnet": ["method.name=moco", *TINY_RESNET, "data.views.policy=mocov2", "method.queue_size=64"],
     "swav_resnet": ["method.name=swav", *TINY_RESNET, "data.views.policy=swav", "data.views.local_crops=2",
                     "data.views.local_size=16", "method.prototypes=30", "method.freeze_prototypes_epochs=0"],

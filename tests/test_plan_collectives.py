@@ -95,3 +95,35 @@ def test_predicted_collectives_are_the_counted_ones(tmp_path: Path, world_size: 
 def _bytes(totals: dict[str, dict[str, int]]) -> dict[str, tuple[int, int]]:
     """Bytes per operation (the number of calls differs with bucketing, not the bytes)."""
     return {op: (entry["in_bytes"], entry["out_bytes"]) for op, entry in totals.items()}
+
+
+def test_zero3_sub_groups_are_deepspeeds():
+    """The planner's ZeRO-3 sub-groups (one LARS all-reduce each) are those DeepSpeed's own code
+    cuts, at sub-group sizes that cut (the tests' small models never reach the 10⁹ default)."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from bigssl.plan.engines import zero3_sub_groups
+
+    partitions = [5, 1, 7, 3, 3, 12, 1, 1]
+    params = [SimpleNamespace(index=i, partition_numel=lambda n=n: n) for i, n in enumerate(partitions)]
+    for size in (0, 1, 4, 6, 8, 11, 12, 33, 34, 10**9):
+        theirs = DeepSpeedZeroOptimizer_Stage3._create_fp16_sub_groups(SimpleNamespace(sub_group_size=size), params)
+        assert zero3_sub_groups(partitions, size) == [[p.index for p in sub] for sub in theirs], size
+
+
+def test_trace_cached_before_lars_fields_loads():
+    from bigssl.plan.engines import engine_collectives
+    from bigssl.plan.structure import Param, Trace
+
+    trace = Trace(world_size=2, local_batch=4, params=[Param("w", (3, 2), 4, True, 0)], buffers={},
+                  synchronised_buffers=[], groups=[[0]], units=1, unit_calls=[(0, True)], lars_groups=[0])
+    old = trace.to_dict()
+    del old["lars_groups"], old["lars_rule"]
+    loaded = Trace.from_dict(old)
+    assert (loaded.lars_groups, loaded.lars_rule) == ([], "lars")
+    assert Trace.from_dict(trace.to_dict()) == trace
+    lars = [c for c in engine_collectives(trace, "fsdp", "fp32") if c.purpose.startswith("LARS")]
+    assert [(c.op, c.in_bytes) for c in lars] == [("all_reduce", 4)] * 4
+    assert not [c for c in engine_collectives(loaded, "fsdp", "fp32") if c.purpose.startswith("LARS")]

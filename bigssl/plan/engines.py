@@ -17,6 +17,23 @@ each engine issues around them, as bigssl configures it:
          gradients reduce-scattered, one float64 scalar reduction per optimizer group.
 Plus the trainer's one per-step vote (finite loss, stop signal: 2 int32 over the CPU group) and,
 in fp16 under ddp/fsdp, the loss scaler's overflow vote (1 int32).
+
+LARS (optim.LARS) takes each whole tensor's norms ‖w‖ and ‖g + wd·w‖ (rule lars) or ‖g‖ (larc)
+in every group it adapts (`lars_adapt`: weights, unless optim.exclude_bias_norm is off; a
+frozen group steps not at all), which costs, per step:
+  ddp    nothing: every rank holds whole tensors.
+  zero1, zero2  one all-reduce per adapted optimizer group (one flat partition each) of its
+         partial sums of squares, a [2, n] fp32 tensor for the group's n parameters: 8·n bytes.
+  zero3  the same per sub-group of an adapted group: DeepSpeed cuts a group into sub-groups
+         of at least sub_group_size elements of the parameters' partitions (⌈numel/W⌉ each), in
+         order, unless the whole group's partitions fit in one (ds_config leaves the default,
+         10⁹: one sub-group per group below 10⁹·W elements). 8·(parameters in the sub-group) bytes.
+         ZeRO's setup check of the layouts (one int64 all-reduce per partition) is not per step.
+         At one rank no partial norm is summed.
+  fsdp   each norm is a DTensor pending a sum over the shards, which DTensor all-reduces (one
+         element of the parameter's dtype, 4 bytes in fp32) at every op that reads it: `> 0` and
+         the trust ratio read both norms (rule lars: 4 all-reduces per adapted parameter), and
+         larc's ratio η‖w‖/(‖g‖ + wd‖w‖ + ε) reads ‖w‖ twice (5). Counted on torch 2.14.
 tests/test_plan_collectives.py checks every byte against collectives counted at 2 and 4 gloo
 ranks, and the memory model against tools/bench_memory.py.
 """
@@ -34,6 +51,8 @@ OVERRIDES = {"ddp": ["engine.kind=ddp"], "zero1": ["engine.kind=deepspeed", "eng
              "zero3": ["engine.kind=deepspeed", "engine.zero_stage=3"], "fsdp": ["engine.kind=fsdp"]}
 STATES_PER_PARAMETER = {"adamw": 2, "lars": 1, "sgd": 1}  # fp32 tensors the optimizer keeps per parameter
 DEEPSPEED_ALIGNMENT = 2  # DeepSpeed pads each flat group to a multiple of this × the world size
+ZERO3_SUB_GROUP_SIZE = 10**9  # DeepSpeed's default zero_optimization.sub_group_size, which ds_config keeps
+FSDP_LARS_REDUCTIONS = {"lars": 4, "larc": 5}  # DTensor's norm all-reduces per adapted parameter and step
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -99,7 +118,42 @@ def engine_collectives(trace: Trace, engine: str, precision: str) -> list[Collec
         calls += [_c("all_reduce", 8, 8, "ZeRO-3: gradient norm per group")] * len(trace.groups)
     else:
         raise ValueError(f"unknown engine {engine!r}; one of {', '.join(ENGINES)}")
-    return calls
+    return calls + lars_collectives(trace, engine)
+
+
+def lars_collectives(trace: Trace, engine: str) -> list[Collective]:
+    """What LARS's whole-tensor norms cost in one step under `engine` (the module docstring)."""
+    world, params = trace.world_size, trace.params
+    adapted = [trace.groups[i] for i in trace.lars_groups]
+    if engine == "fsdp":
+        per_parameter = FSDP_LARS_REDUCTIONS[trace.lars_rule]
+        return [_c("all_reduce", params[i].element_size, params[i].element_size, "LARS: DTensor norm reductions")
+                for group in adapted for i in group if params[i].trainable for _ in range(per_parameter)]
+    if engine not in ("zero1", "zero2", "zero3") or world == 1:
+        return []
+    if engine == "zero3":
+        adapted = [sub for group in adapted
+                   for sub in zero3_sub_groups([ceil_div(params[i].numel, world) for i in group])]
+    return [_c("all_reduce", 8 * len(group), 8 * len(group), "LARS: norms per partition")
+            for group in adapted if group]
+
+
+def zero3_sub_groups(partitions: list[int], sub_group_size: int = ZERO3_SUB_GROUP_SIZE) -> list[list[int]]:
+    """DeepSpeed ZeRO-3's sub-groups of one optimizer group (stage3._create_fp16_sub_groups), as
+    lists of positions in the group, from each parameter's partition numel: the whole group if
+    its partitions fit in `sub_group_size` elements, else cut after each parameter that brings the
+    running sum to at least `sub_group_size`."""
+    if sub_group_size >= sum(partitions):
+        return [list(range(len(partitions)))]
+    groups: list[list[int]] = [[]]
+    running = 0
+    for index, numel in enumerate(partitions):
+        groups[-1].append(index)
+        running += numel
+        if running >= sub_group_size and index < len(partitions) - 1:
+            groups.append([])
+            running = 0
+    return groups
 
 
 def fsdp_gathers(trace: Trace) -> list[int]:

@@ -41,6 +41,11 @@ class Trace:
     flops: int = 0
     activation_bytes: int = 0
     ema: bool = False
+    # Optimizer groups (indices into `groups`) whose LARS step takes trust ratios at the traced
+    # step: `lars_adapt` and not frozen; empty for any other optimizer (and in traces cached
+    # before this field). `lars_rule` is optim.lars_rule: lars or larc.
+    lars_groups: list[int] = field(default_factory=list)
+    lars_rule: str = "lars"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

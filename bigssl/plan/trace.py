@@ -7,7 +7,8 @@ policy, under `comm.simulated(N)`. What comes out:
     reductions, memory-bank writes, global BatchNorm), forward and backward, in bytes;
   - the step's FLOPs (torch.utils.flop_counter, forward and backward);
   - the bytes autograd saves for backward (activations), each storage once;
-  - the parameter, buffer and optimizer-group structure the engine models need.
+  - the parameter, buffer and optimizer-group structure the engine models need, and which
+    groups LARS adapts (their trust ratios take collectives under the sharding engines).
 Autocast has no meta kernels, so bf16/fp16 recipes run under `_LowPrecisionMatmuls`, which casts
 the inputs of the matrix products and convolutions as CUDA's autocast does (above autograd, so
 autograd saves the low-precision copies, one copy of each weight per step, as autocast's cache
@@ -113,8 +114,8 @@ def view_shapes(config: Config) -> list[tuple[int, int, int, int]]:
     return shapes
 
 
-def _structure(method: torch.nn.Module, config: Config
-               ) -> tuple[list[Param], list[list[int]], list[torch.nn.Module]]:
+def _structure(method: torch.nn.Module, config: Config, step: int
+               ) -> tuple[list[Param], list[list[int]], list[int], list[torch.nn.Module]]:
     from bigssl.distributed.engines.fsdp import shard_units
     from bigssl.optim import param_groups
 
@@ -128,7 +129,10 @@ def _structure(method: torch.nn.Module, config: Config
         index_of[id(param)] = len(params)
         params.append(Param(name, tuple(param.shape), param.element_size(), param.requires_grad, owner[id(param)]))
     groups = param_groups(method, config.optim, config.eval.online_probe_lr, method.param_rules())
-    return params, [[index_of[id(p)] for p in group["params"]] for group in groups], units
+    # A frozen group is left out of the step (train.py marks it, optim.skipping_frozen_groups).
+    lars = [i for i, group in enumerate(groups) if config.optim.name == "lars" and group["lars_adapt"]
+            and not step < group.get("frozen_steps", 0)]
+    return params, [[index_of[id(p)] for p in group["params"]] for group in groups], lars, units
 
 
 def _record_calls(units: list[torch.nn.Module], calls: list[tuple[int, bool]]) -> None:
@@ -173,7 +177,7 @@ def trace(config: Config, world_size: int, samples: int | None = None, step: int
             convert_sync_bn(method)
         if config.engine.activation_checkpointing:
             method.backbone.set_grad_checkpointing(True)
-        params, groups, units = _structure(method, config)
+        params, groups, lars_groups, units = _structure(method, config, step)
         unit_calls: list[tuple[int, bool]] = []
         _record_calls(units, unit_calls)
         buffers = {name: b.numel() * b.element_size() for name, b in method.named_buffers()}
@@ -207,4 +211,4 @@ def trace(config: Config, world_size: int, samples: int | None = None, step: int
                  synchronised_buffers=list(method.synchronised_buffers()), groups=groups, units=len(units),
                  unit_calls=unit_calls, collectives=calls,
                  flops=int(flops.get_total_flops()), activation_bytes=activation_bytes,
-                 ema=bool(method.ema_pairs()))
+                 ema=bool(method.ema_pairs()), lars_groups=lars_groups, lars_rule=config.optim.lars_rule)
