@@ -20,7 +20,7 @@ def test_quickstart_recipe_loads_with_overrides():
     # The keys scripts rely on (docs/architecture.md, "Public surface") exist under these names and
     # hold the recipe's values (seed, data, epochs), the overrides' and otherwise the defaults.
     expected = {"seed": 0, "data.train": "quickstart:train", "data.val": "quickstart:val",
-                "data.samples_per_epoch": 0, "optim.batch_size": 512, "optim.epochs": 3, "optim.max_steps": 0,
+                "data.samples_per_epoch": 0, "optim.batch_size": 512, "optim.epochs": 10, "optim.max_steps": 0,
                 "engine.kind": "ddp", "engine.precision": "fp32", "log.dir": "/tmp/x"}
     assert {key: config_lib.get(config, key) for key in expected} == expected
     other = recipes.load(QUICKSTART, ["seed=7", "data.samples_per_epoch=640", "optim.max_steps=9",
@@ -236,24 +236,20 @@ def test_log_dir_must_be_a_directory(tmp_path: Path):
         recipes.load(QUICKSTART, [f"log.dir={taken}/run"])
 
 
-def test_a_config_error_fails_within_a_second_without_torch():
-    """The whole process, start to exit: 8-25 s under load when torch, timm and DeepSpeed loaded first."""
+def test_a_config_error_fails_before_torch_is_imported():
+    """What made a config error slow (8-25 s under load) was importing torch, timm and DeepSpeed
+    before reading the recipe; the error must come without any of them. Asserted on the imports,
+    not on a clock, which a loaded machine would fail."""
     import subprocess
     import sys
-    import time
 
-    probe = ("import sys, time; start = time.perf_counter(); from bigssl.cli import main; code = main(sys.argv[1:]); "
-             "heavy = sorted(m for m in ('torch', 'timm', 'webdataset', 'deepspeed') if m in sys.modules); "
-             "print('HEAVY', heavy, 'CODE', code, 'SECONDS', round(time.perf_counter() - start, 3))")
-    started = time.perf_counter()
+    probe = ("import sys; from bigssl.cli import main; code = main(sys.argv[1:]); "
+             "heavy = sorted(m for m in ('torch', 'timm', 'webdataset', 'deepspeed', 'numpy') if m in sys.modules); "
+             "print('HEAVY', heavy, 'CODE', code)")
     result = subprocess.run([sys.executable, "-c", probe, "train", str(QUICKSTART), "optim.max_steps=-1"],
                             capture_output=True, text=True, timeout=120)
-    wall = time.perf_counter() - started
     assert "HEAVY [] CODE 2" in result.stdout, result.stdout + result.stderr
     assert result.stderr == "bigssl: error: optim.max_steps: must be >= 0, got -1\n"
-    inside = float(result.stdout.split("SECONDS")[1])
-    assert inside < 1.0, f"{inside:.2f} s from main() to its error"
-    assert wall < 5.0, f"{wall:.1f} s for the whole process (the interpreter's start included)"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
