@@ -29,7 +29,7 @@ def vit_run(tmp_path_factory) -> Path:
     merge into backbone_args, they cannot drop the ResNet's `channels`)."""
     root = tmp_path_factory.mktemp("monitor")
     recipe = yaml.safe_load(QUICKSTART.read_text())
-    recipe["model"].update(backbone="vit_tiny_patch16_224", small_stem=False, backbone_args=VIT_ARGS)
+    recipe["model"].update(backbone="vit_tiny_patch16_224", small_stem=False, pool_grid=1, backbone_args=VIT_ARGS)
     (root / "vit.yaml").write_text(yaml.safe_dump(recipe))
     run = root / "run"
     result = run_cli("train", str(root / "vit.yaml"), *SMALL_HEADS, f"log.dir={run}", "optim.max_steps=4",

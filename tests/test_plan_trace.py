@@ -32,9 +32,11 @@ class _TransposingLinear(torch.autograd.Function):
 
 
 def test_low_precision_casts_cache_weights_not_temporary_views():
-    from bigssl.plan.trace import _LowPrecisionMatmuls
+    from bigssl.plan.trace import _LowPrecisionMatmuls, _torch_linear
 
-    with torch.device("meta"):
+    # torch's own F.linear, as the trace runs it: an earlier ZeRO-3 engine in this process (the
+    # full suite builds several) leaves DeepSpeed's linear in its place.
+    with _torch_linear(), torch.device("meta"):
         wide, narrow = torch.nn.Linear(32, 128), torch.nn.Linear(128, 32)
         x = torch.empty(5, 17, 32)
         with _LowPrecisionMatmuls(torch.bfloat16) as low:
