@@ -29,6 +29,13 @@ def quickstart_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(cache)
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """helpers.run_distributed's fork server stops with the session, waited for."""
+    from helpers import stop_rank_server
+
+    stop_rank_server()
+
+
 SLURM_SCRIPT = Path(__file__).parent / "slurm" / "cluster.sh"
 
 

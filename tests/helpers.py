@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -49,8 +50,19 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, threads: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable, world_size: int, port: int, threads: int, environ: dict[str, str],
+           bigssl_file: str, args: tuple) -> None:
+    import bigssl
+
+    if bigssl.__file__ != bigssl_file:  # the fork server's sys.path starts at its working directory
+        raise RuntimeError(f"the ranks' fork server imported {bigssl.__file__}, the test process {bigssl_file}: "
+                           "run `python -m pytest` from the checkout it tests, or set PYTHONPATH to it")
+    os.environ.clear()  # the caller's environment now, as a spawned process would have it
+    os.environ.update(environ)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    # This platform's default start method, as in a rank that torchrun starts (a forked server's
+    # child would otherwise start its DataLoader workers the server's way): fork on Linux.
+    multiprocessing.set_start_method(multiprocessing.get_all_start_methods()[0], force=True)
     torch.set_num_threads(threads)  # OMP_NUM_THREADS set here would come too late: read at `import torch`
     warnings.filterwarnings("error", module=OWN_WARNINGS)
     from bigssl.distributed import comm, env
@@ -67,6 +79,26 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, threads: int, ar
     os._exit(0)  # torch 2.14 + gloo can abort in its exit handlers (about 1 run in 5)
 
 
+# The modules every rank imports, imported once into multiprocessing's fork server: a rank is a
+# fork of that server, ready in a tenth of a second instead of importing torch and bigssl again
+# (3 s of CPU a rank, most of what a small 2-rank test costs). The server is a fresh interpreter
+# of its own, started on first use and running no tensor op, so a rank inherits nothing of this
+# process (process groups, seeds, registries filled by tests, threads), as a spawned one does;
+# _entry gives it this process's environment as it is at the call.
+RANK_PRELOAD = ["torch", "torch.distributed.fsdp", "timm", "bigssl.train", "bigssl.eval.offline"]
+
+
+def _rank_server() -> None:
+    multiprocessing.get_context("forkserver").set_forkserver_preload(RANK_PRELOAD)
+
+
+def stop_rank_server() -> None:
+    """Stop the fork server (and wait for it, so a timing of the test run counts its ranks)."""
+    from multiprocessing import forkserver
+
+    forkserver._forkserver._stop()
+
+
 def run_distributed(fn: Callable, world_size: int, *args) -> None:
     """Run `fn(rank, world_size, *args)` in `world_size` gloo processes on 127.0.0.1.
 
@@ -74,8 +106,12 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     per core): the ranks do not oversubscribe the cores, and on a bigger machine they run
     multi-threaded like the in-process side they are compared with, so the tolerances meet the
     rounding of any thread count instead of one pinned count."""
+    import bigssl
+
     threads = max(1, torch.get_num_threads() // world_size)
-    mp.spawn(_entry, args=(fn, world_size, free_port(), threads, args), nprocs=world_size, join=True)
+    _rank_server()
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), threads, dict(os.environ), bigssl.__file__, args),
+                       nprocs=world_size, join=True, start_method="forkserver")
 
 
 def run_threaded(fn: Callable, world_size: int, *args, timeout: float = 120) -> list:
@@ -119,6 +155,21 @@ def run_threaded(fn: Callable, world_size: int, *args, timeout: float = 120) -> 
         raise errors[0]
     assert not hung, f"ranks {hung} did not finish in {timeout} s"
     return results
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """`count` intra-op threads in this process inside the block. An in-process recomputation of
+    what a CLI run computed (one thread a process: worker_env) takes the run's rounding with its
+    thread count, and on a 2-core machine its OpenMP team does not spin against the DataLoader
+    worker it feeds from (measured: a kNN extraction of quickstart:train took 28 s of CPU on 2
+    threads beside its worker on a busy 2-core machine, 1.6 s on one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_cli(*args: str, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 600,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, SMALL, free_port, run_cli, worker_env
+from helpers import QUICKSTART, SMALL, free_port, run_cli, torch_threads, worker_env
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -85,7 +85,8 @@ def test_quickstart_two_processes_with_torchrun(tmp_path: Path, engine: str):
     # process's offline kNN of the checkpointed backbone: both ranks' features, one network.
     from bigssl.eval.offline import EvalOptions, evaluate
 
-    offline = evaluate("knn", run, EvalOptions(train="quickstart:train", val="quickstart:val", workers=0))
+    with torch_threads(1):  # as each rank
+        offline = evaluate("knn", run, EvalOptions(train="quickstart:train", val="quickstart:val", workers=0))
     final = [m for m in metrics(run) if "knn/top1" in m][-1]
     assert (offline["eval/knn_top1"], offline["eval/knn_top5"]) == pytest.approx(
         (final["knn/top1"], final["knn/top5"]), abs=1e-9)

@@ -106,3 +106,21 @@ def test_ema_update_is_m_teacher_plus_one_minus_m_student_on_every_engine(kind: 
     after = [full(p) for _, t in pairs for p in t.parameters()]
     for got, teacher, student in zip(after, teachers, students, strict=True):
         torch.testing.assert_close(got, 0.9 * teacher + 0.1 * student, rtol=1e-6, atol=1e-7)
+
+
+def test_deepspeed_is_started_without_compiling_its_muon_optimizer():
+    """Every ZeRO setup imports DeepSpeed's Muon optimizer, whose module wraps its kernels in
+    torch.compile at import (all of TorchInductor: 2 s of CPU a rank). The engine imports it
+    first with TorchDynamo off: its functions stay plain, and torch.compile compiles again after."""
+    from bigssl.distributed.engines import deepspeed_zero
+
+    deepspeed_zero._deepspeed()
+    from deepspeed.runtime.zero.muon import muon_optimizer, original_muon
+
+    assert muon_optimizer.MuonWithAuxAdam  # the module is whole
+    assert not hasattr(original_muon.muon_update, "_torchdynamo_orig_callable")  # not wrapped for compiling
+
+    def double(x):
+        return 2 * x
+
+    assert torch.compile(double, backend="eager") is not double  # TorchDynamo is on again

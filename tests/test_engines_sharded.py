@@ -19,9 +19,10 @@ from engine_cases import (
     setup,
     train_steps,
 )
-from helpers import run_cli, run_distributed
+from helpers import run_distributed
 from safetensors.torch import load_file
 
+from bigssl import cli
 from bigssl.checkpoint import Checkpointer
 from bigssl.distributed import comm
 from bigssl.errors import CheckpointError
@@ -111,10 +112,10 @@ def test_resume_continues_exactly(tmp_path: Path, engine: str):
     run_distributed(_save_and_continue, 2, keys, checkpoint, straight)
     run_distributed(_resume, 2, keys, checkpoint, resumed)
     assert_same_losses_after_resume(straight, resumed)
-    # `bigssl export` merges any engine's checkpoint into the backbone it held, in one process.
+    # `bigssl export` merges any engine's checkpoint into the backbone it held, in one process (this
+    # one: the command's code without a process start; tests/test_export.py runs it as a process).
     exported = tmp_path / "backbone.safetensors"
-    result = run_cli("export", str(checkpoint), str(exported))
-    assert result.returncode == 0, result.stderr
+    assert cli.main(["export", str(checkpoint), str(exported)]) == 0
     expected = torch.load(straight / "backbone_at_save.pt", weights_only=True)
     weights = load_file(exported)
     assert set(weights) == set(expected) and len(weights) > 10

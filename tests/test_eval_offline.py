@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import QUICKSTART, SMALL, free_port, run_cli
+from helpers import QUICKSTART, SMALL, free_port, run_cli, torch_threads
 
 from bigssl.eval import linear
 
@@ -20,7 +20,7 @@ EVAL_DATA = ["--train", "quickstart:train", "--val", "quickstart:val", "--worker
 def trained_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("eval") / "run"
     result = run_cli("train", str(QUICKSTART), *SMALL, f"log.dir={run}", "optim.max_steps=3",
-                     "eval.knn_baseline=false")
+                     "eval.knn_baseline=false", "eval.knn_pixels=false")  # the trained backbone's kNN only
     assert result.returncode == 0, result.stderr
     return run
 
@@ -81,7 +81,8 @@ def test_features_from_the_first_projector_layer(trained_run: Path):
     model = torch.nn.Sequential(backbone, first, norm, torch.nn.ReLU())
     views = config.data.views
     args = (views, Photometric(views).normalize, 256, 1, torch.device("cpu"))
-    train, val = (knn.extract(model, resolve(s, "x"), *args) for s in ("quickstart:train", "quickstart:val"))
+    with torch_threads(1):  # as the CLI's process
+        train, val = (knn.extract(model, resolve(s, "x"), *args) for s in ("quickstart:train", "quickstart:val"))
     assert train.features.shape[1] == width
     assert knn.weighted_knn(train, val)["top1"] == pytest.approx(reported, abs=1e-9)
     at_end = next(r for r in records(trained_run) if "knn/top1" in r)["knn/top1"]

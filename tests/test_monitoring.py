@@ -33,7 +33,8 @@ def vit_run(tmp_path_factory) -> Path:
     (root / "vit.yaml").write_text(yaml.safe_dump(recipe))
     run = root / "run"
     result = run_cli("train", str(root / "vit.yaml"), *SMALL_HEADS, f"log.dir={run}", "optim.max_steps=4",
-                     "eval.knn_baseline=false", "eval.online_probe_classes=10", "eval.projector_samples=64")
+                     "eval.knn_baseline=false", "eval.knn_pixels=false", "eval.online_probe_classes=10",
+                     "eval.projector_samples=64")
     assert result.returncode == 0, result.stderr
     return run
 
@@ -233,6 +234,7 @@ def test_ema_momentum_is_logged_for_methods_with_a_teacher(tmp_path: Path):
     run = tmp_path / "run"
     train(make_config("test_tiny_ema", "data.train=quickstart:train", "data.views.size=32", "data.views.resize=32",
                       "data.workers=0", "optim.max_steps=2", "log.every_steps=1", f"log.dir={run}",
-                      "log.tensorboard=false", "log.progress=false", "method.momentum=0.75"))
+                      "log.tensorboard=false", "log.progress=false", "method.momentum=0.75",
+                      "eval.knn_baseline=false", "eval.knn_at_end=false"))
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["ema_momentum"] for r in records if "loss" in r] == [0.75, 0.75]
