@@ -162,11 +162,11 @@ def method_names_in_code(path: Path, names: set[str]) -> list[str]:
 def test_the_data_pipeline_names_no_method():
     """Data code reads what a view policy declares (data.views.crop, color_space, channel_split,
     text), never which method's policy runs: a new method or policy changes nothing in bigssl/data/."""
-    from bigssl.methods.configs import CONFIGS
     from bigssl.methods.policies import POLICIES
+    from bigssl.methods.schemas import builtin_names
 
-    names = set(CONFIGS) | set(POLICIES)
-    assert {"cpc", "clip", "cmc", "mocov2"} <= names
+    names = set(builtin_names()) | set(POLICIES)
+    assert {"cpc", "clip", "cmc", "mocov2", "vicreg"} <= names
     found = [hit for path in sorted((PACKAGE / "data").rglob("*.py")) for hit in method_names_in_code(path, names)]
     assert not found, "method names in bigssl/data/:\n" + "\n".join(found)
 

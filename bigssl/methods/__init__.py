@@ -1,9 +1,11 @@
 """Method plug-ins: one module per method, imported when a run names it in `method.name`.
 
-Every built-in method's config schema is in `bigssl.methods.configs`, which needs no torch, so
+Most built-in methods' config schemas are in `bigssl.methods.configs`, which needs no torch, so
 reading and checking a recipe takes a fraction of a second; the method's own module (and with
-it torch and timm) is imported by `build` or `method_class`. `bigssl.methods.schemas` holds the
-schemas by name, the built-ins' and those of plug-ins registered at run time.
+it torch and timm) is imported by `build` or `method_class`. A built-in may instead be one file
+alone, its schema beside the method (VICReg): its recipes import torch to be checked.
+`bigssl.methods.schemas` holds the schemas by name, the built-ins' and those of plug-ins
+registered at run time.
 """
 
 from __future__ import annotations

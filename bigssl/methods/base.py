@@ -11,7 +11,8 @@ It implements `training_step(batch, step)`, which returns a dict with
                DINO and SwAV): the trainer warns when the loss sits there;
 and any other 0-dim tensors (temperatures, teacher entropy, ...), which are averaged over the
 log window and the ranks and logged under their names. The trainer calls nothing else in the
-hot path, so a new method is one file plus one recipe.
+hot path, so a new method is one file plus one recipe: bigssl/methods/<name>.py with its config
+dataclass and `@register("<name>")` is found by name (bigssl/methods/schemas.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from torch import nn
 from bigssl.config import Config, MethodConfig
 from bigssl.errors import ConfigError
 from bigssl.methods import schemas
-from bigssl.methods.configs import CONFIGS
 
 # What `training_step` receives (the data pipeline makes it; a method needs nothing of bigssl.data):
 #   "views": one float tensor [V, B, C, S, S] per group of crops of one size, channels-last
@@ -169,5 +169,6 @@ def build(config: Config) -> Method:
 
 
 def names() -> list[str]:
-    """Every built-in method and every plug-in registered so far."""
-    return sorted(set(CONFIGS) | set(_REGISTRY))
+    """Every built-in method (one-file ones included, found without importing them) and every
+    plug-in registered so far."""
+    return sorted(set(schemas.builtin_names()) | set(_REGISTRY))
