@@ -25,7 +25,7 @@ BF16_TOLERANCE = 1e-2  # relative: bf16 keeps 8 significant bits (2⁻⁸ ≈ 0.
 
 def real_batch(config: Config, device: torch.device, local_batch: int) -> dict[str, Any]:
     """The first batch of the run's own stream (workers decode and crop), its photometric half
-    on `device`, as Trainer._to_device does."""
+    on `device`, as TrainData.to_device does."""
     data = TrainData(config, 0, 1, local_batch)
     loader = data.loader(0, 0, Consumed(), Consumed())
     batch = next(iter(loader))

@@ -17,7 +17,7 @@ hot path, so a new method is one file plus one recipe.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ class Method(nn.Module):
     """Base class: subclasses set `config_class`, build their networks, implement forward."""
 
     config_class: type[MethodConfig] = MethodConfig
+    encodes_text: ClassVar[bool] = False  # has encode_text(captions): the trainer scores it zero-shot
 
     def __init__(self, config: Config) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ from bigssl.models.text import ByteTokenizer, TextTransformer
 @register("clip")
 class CLIP(Method):
     config_class = CLIPConfig
+    encodes_text = True
 
     def __init__(self, config: Config) -> None:
         super().__init__(config)
