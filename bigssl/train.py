@@ -33,8 +33,10 @@ from bigssl.errors import UserError
 from bigssl.eval import attention, knn, zeroshot
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
+from bigssl.methods.base import StepOutput
+from bigssl.methods.context import RunContext
 from bigssl.monitor import Monitor
-from bigssl.optim import build_optimizer, lr_schedule
+from bigssl.optim import GroupSettings, build_optimizer, lr_schedule
 
 
 class _Window:
@@ -51,12 +53,11 @@ class _Window:
         self.loss_sum.zero_()
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out: dict[str, Any]) -> None:
-        self.loss_sum += out.get("ssl_loss", out["loss"]).detach().float()
-        for name, value in out.items():
-            if name not in ("loss", "ssl_loss") and torch.is_tensor(value) and value.ndim == 0:
-                value = value.detach().float()
-                self.sums[name] = value if name not in self.sums else self.sums[name] + value
+    def add(self, out: StepOutput) -> None:
+        self.loss_sum += (out.loss if out.ssl_loss is None else out.ssl_loss).detach().float()
+        for name, value in out.scalars().items():
+            value = value.detach().float()
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.steps += 1
         self.timed_steps += 1
 
@@ -129,11 +130,9 @@ class Trainer:
         self.lr = lr_schedule(config.optim, self.steps_per_epoch, self.total_steps)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.method = build_method(config)
-        self.method.configure_schedule(self.steps_per_epoch, self.total_steps)
-        self.method.configure_data(self.data.shards.total)
-        if config.eval.online_probe_classes:
-            self.method.attach_online_probe(config.eval.online_probe_classes)
+        self.method = build_method(config, RunContext.of(
+            config, world_size=self.env.world_size, steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps, num_samples=self.data.shards.total))
         self.engine = build_engine(config, self.env, self.device)
         probe_lr = config.eval.online_probe_lr
         rules = self.method.param_rules()
@@ -167,11 +166,12 @@ class Trainer:
         """The scheduled lr (and the method's weight decay, if it schedules one) into every group."""
         lr, weight_decay = self.lr(step), self.method.weight_decay_at(step)
         for group in self.engine.optimizer.param_groups:
-            base = self.config.optim.lr if group.get("fixed_lr") else lr
-            group["lr"] = base * group.get("lr_scale", 1.0)
+            settings = GroupSettings.of(group)
+            base = self.config.optim.lr if settings.fixed_lr else lr
+            group["lr"] = base * settings.lr_scale
             # A frozen group is left out of the optimizer step altogether (optim.skipping_frozen_groups).
-            group["frozen"] = step < group.get("frozen_steps", 0)
-            if weight_decay is not None and group.get("scheduled_wd"):
+            group["frozen"] = step < settings.frozen_steps
+            if weight_decay is not None and settings.scheduled_wd:
                 group["weight_decay"] = weight_decay
         return lr
 
@@ -365,10 +365,10 @@ class Trainer:
                 out = self.engine.forward(batch, p.step)
                 # One small collective per step: a finite loss on every rank, and whether a stop
                 # signal reached any rank (then every rank stops after this same step).
-                finite, stop = comm.agree(bool(torch.isfinite(out["loss"].detach()).all()),
+                finite, stop = comm.agree(bool(torch.isfinite(out.loss.detach()).all()),
                                           self.stop_request.received is not None)
                 if finite:
-                    self.engine.backward(out["loss"])
+                    self.engine.backward(out.loss)
                     grad_norm = self.engine.step()
                     if pairs := self.method.ema_pairs():
                         self.engine.ema_update(pairs, self.method.ema_momentum(p.step))
@@ -506,11 +506,11 @@ class Trainer:
                                 "data wait": f"{100 * record['data_wait_fraction']:.0f}%"})
         window.reset()
 
-    def _health(self, out: dict[str, Any], step: int) -> dict[str, float]:
+    def _health(self, out: StepOutput, step: int) -> dict[str, float]:
         """Numbers that tell a healthy run from a sick one, at a log step (a collective)."""
         values: dict[str, float] = {}
-        if "embedding" in out:  # over the global batch: the effective rank needs many rows
-            values.update(health.embedding_health(comm.gather_variable(out["embedding"].detach().float())))
+        if out.embedding is not None:  # over the global batch: the effective rank needs many rows
+            values.update(health.embedding_health(comm.gather_variable(out.embedding.detach().float())))
         for index, group in enumerate(self.engine.optimizer.param_groups):
             name = group.get("name", f"group{index}")
             values[f"lr/{name}"] = 0.0 if group.get("frozen") else float(group["lr"])  # the lr it steps with
