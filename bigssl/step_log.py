@@ -10,13 +10,16 @@ uninterrupted one logs.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from bigssl.distributed import comm
 from bigssl.health import CollapseWatch
 from bigssl.monitor import Monitor
+
+if TYPE_CHECKING:
+    from bigssl.methods.base import StepOutput
 
 
 class LogWindow:
@@ -33,12 +36,11 @@ class LogWindow:
         self.loss_sum.zero_()
         self.sums: dict[str, torch.Tensor] = {}
 
-    def add(self, out: dict[str, Any]) -> None:
-        self.loss_sum += out.get("ssl_loss", out["loss"]).detach().float()
-        for name, value in out.items():
-            if name not in ("loss", "ssl_loss") and torch.is_tensor(value) and value.ndim == 0:
-                value = value.detach().float()
-                self.sums[name] = value if name not in self.sums else self.sums[name] + value
+    def add(self, out: StepOutput) -> None:
+        self.loss_sum += (out.loss if out.ssl_loss is None else out.ssl_loss).detach().float()
+        for name, value in out.scalars().items():
+            value = value.detach().float()
+            self.sums[name] = value if name not in self.sums else self.sums[name] + value
         self.steps += 1
         self.timed_steps += 1
 

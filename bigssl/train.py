@@ -32,8 +32,9 @@ from bigssl.errors import UserError
 from bigssl.eval.during_training import TrainingEvaluation
 from bigssl.eval.export import save_backbone
 from bigssl.methods import build as build_method
+from bigssl.methods.context import RunContext
 from bigssl.monitor import Monitor, run_directory_note
-from bigssl.optim import build_optimizer, lr_schedule
+from bigssl.optim import GroupSettings, build_optimizer, lr_schedule
 from bigssl.step_log import StepLog
 
 
@@ -73,11 +74,9 @@ class Trainer:
         self.lr = lr_schedule(config.optim, self.steps_per_epoch, self.total_steps)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
-        self.method = build_method(config)
-        self.method.configure_schedule(self.steps_per_epoch, self.total_steps)
-        self.method.configure_data(self.data.shards.total)
-        if config.eval.online_probe_classes:
-            self.method.attach_online_probe(config.eval.online_probe_classes)
+        self.method = build_method(config, RunContext.of(
+            config, world_size=self.env.world_size, steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps, num_samples=self.data.shards.total))
         self.engine = build_engine(config, self.env, self.device)
         probe_lr = config.eval.online_probe_lr
         rules = self.method.param_rules()
@@ -101,11 +100,12 @@ class Trainer:
         """The scheduled lr (and the method's weight decay, if it schedules one) into every group."""
         lr, weight_decay = self.lr(step), self.method.weight_decay_at(step)
         for group in self.engine.optimizer.param_groups:
-            base = self.config.optim.lr if group.get("fixed_lr") else lr
-            group["lr"] = base * group.get("lr_scale", 1.0)
+            settings = GroupSettings.of(group)
+            base = self.config.optim.lr if settings.fixed_lr else lr
+            group["lr"] = base * settings.lr_scale
             # A frozen group is left out of the optimizer step altogether (optim.skipping_frozen_groups).
-            group["frozen"] = step < group.get("frozen_steps", 0)
-            if weight_decay is not None and group.get("scheduled_wd"):
+            group["frozen"] = step < settings.frozen_steps
+            if weight_decay is not None and settings.scheduled_wd:
                 group["weight_decay"] = weight_decay
         return lr
 
@@ -192,7 +192,7 @@ class Trainer:
         out = self.engine.forward(batch, p.step)
         # One small collective per step: a finite loss on every rank, and whether a stop
         # signal reached any rank (then every rank stops after this same step).
-        finite, stop = comm.agree(bool(torch.isfinite(out["loss"].detach()).all()),
+        finite, stop = comm.agree(bool(torch.isfinite(out.loss.detach()).all()),
                                   self.stop_request.received is not None)
         grad_norm = self._update(out) if finite else self._skip_nonfinite(monitor)
         p.step += 1
@@ -209,7 +209,7 @@ class Trainer:
 
     def _update(self, out: dict[str, Any]) -> float:
         """Backward, the optimizer step, the EMA teachers; returns the gradient norm."""
-        self.engine.backward(out["loss"])
+        self.engine.backward(out.loss)
         grad_norm = self.engine.step()
         if pairs := self.method.ema_pairs():
             self.engine.ema_update(pairs, self.method.ema_momentum(self.progress.step))

@@ -121,7 +121,7 @@ def view_shapes(config: Config) -> list[tuple[int, int, int, int]]:
 def _structure(method: torch.nn.Module, config: Config, step: int
                ) -> tuple[list[Param], list[list[int]], list[int], list[torch.nn.Module]]:
     from bigssl.distributed.engines.fsdp import shard_units
-    from bigssl.optim import param_groups
+    from bigssl.optim import GroupSettings, param_groups
 
     units = [*reversed(shard_units(method)), method]  # fully_shard's order: innermost first, root last
     owner: dict[int, int] = {}
@@ -135,7 +135,7 @@ def _structure(method: torch.nn.Module, config: Config, step: int
     groups = param_groups(method, config.optim, config.eval.online_probe_lr, method.param_rules())
     # A frozen group is left out of the step (train.py marks it, optim.skipping_frozen_groups).
     lars = [i for i, group in enumerate(groups) if config.optim.name == "lars" and group["lars_adapt"]
-            and not step < group.get("frozen_steps", 0)]
+            and not step < GroupSettings.of(group).frozen_steps]
     return params, [[index_of[id(p)] for p in group["params"]] for group in groups], lars, units
 
 
@@ -156,13 +156,12 @@ def _built_method(config: Config, steps_per_epoch: int, samples: int, world_size
     """The method as the trainer builds it, with the model changes its engine makes first."""
     from bigssl.distributed.global_bn import convert_sync_bn
     from bigssl.methods import build as build_method
+    from bigssl.methods.context import RunContext
 
     torch.manual_seed(config.seed)
-    method = build_method(config)
-    method.configure_schedule(steps_per_epoch, config.optim.epochs * steps_per_epoch)
-    method.configure_data(samples)
-    if config.eval.online_probe_classes:
-        method.attach_online_probe(config.eval.online_probe_classes)
+    method = build_method(config, RunContext.of(config, world_size=world_size, steps_per_epoch=steps_per_epoch,
+                                                total_steps=config.optim.epochs * steps_per_epoch,
+                                                num_samples=samples))
     if config.engine.sync_bn and world_size > 1:
         convert_sync_bn(method)
     if config.engine.activation_checkpointing:
@@ -227,7 +226,7 @@ def trace(config: Config, world_size: int, samples: int | None = None, step: int
                     out = method(batch, step)
             activation_bytes = saved.bytes()
             unit_calls.append((len(units) - 1, True))
-            out["loss"].backward()
+            out.loss.backward()
             method.after_step(step)
     return Trace(world_size=world_size, local_batch=local_batch, params=params, buffers=buffers,
                  synchronised_buffers=list(method.synchronised_buffers()), groups=groups, units=len(units),

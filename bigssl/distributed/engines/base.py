@@ -23,7 +23,7 @@ from bigssl.distributed.engines.loss_scale import DynamicLossScaler
 from bigssl.distributed.env import DistEnv
 from bigssl.distributed.global_bn import convert_sync_bn
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 # fp16 on CPU is slow and pointless for training; the test suite sets this to exercise loss
 # scaling on machines without a GPU.
@@ -107,7 +107,7 @@ class Engine(ABC):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @abstractmethod
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]: ...
+    def forward(self, batch: Batch, step: int) -> StepOutput: ...
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...

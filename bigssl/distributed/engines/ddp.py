@@ -12,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from bigssl.distributed.engines.base import Capabilities, Engine
 from bigssl.distributed.engines.safe_load import load_tensors
 from bigssl.distributed.env import alone_in_group
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 STATE_FILE = "state.pt"
 
@@ -45,7 +45,7 @@ class DDPEngine(Engine):
         else:
             self.module = method
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.module(batch, step)
 

@@ -34,7 +34,7 @@ from bigssl.distributed.engines import zero_merge
 from bigssl.distributed.engines.base import Capabilities, Engine, plain_layout
 from bigssl.distributed.engines.safe_load import DEEPSPEED_DIR, naming
 from bigssl.errors import CheckpointError, ConfigError
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 from bigssl.optim import FlatLayout, Segment
 
 TAG = DEEPSPEED_DIR  # the checkpoint sub-directory DeepSpeed writes into
@@ -251,7 +251,7 @@ class DeepSpeedEngine(Engine):
         self.method = method
         self.stage = stage
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.ds(batch, step)
 

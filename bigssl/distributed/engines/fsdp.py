@@ -33,7 +33,7 @@ from bigssl.distributed import comm
 from bigssl.distributed.engines import dcp_safe
 from bigssl.distributed.engines.base import Capabilities, Engine, plain_layout
 from bigssl.distributed.engines.safe_load import load_tensors
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra.pt"
@@ -84,7 +84,7 @@ class FSDPEngine(Engine):
         self.method = method
         self.optimizer = optimizer_factory(method)
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.method(batch, step)
 
