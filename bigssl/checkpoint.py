@@ -74,6 +74,13 @@ class Checkpointer:
         found = self.published()
         return found[-1] if found else None
 
+    def kept_note(self) -> str:
+        """What a run that stops on an error leaves to resume from, in words."""
+        latest = self.latest()
+        if latest is None:
+            return "No checkpoint was written yet (a rerun starts from step 0)"
+        return f"The last checkpoint, {latest}, is kept"
+
     def set_aside(self) -> list[Path]:
         """Checkpoints renamed `.corrupt` by an earlier resume."""
         if not self.root.is_dir():

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bigssl.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_RANK_LOST, EXIT_USER, ConfigError, RankLost, UserError
 
@@ -138,13 +139,20 @@ def parser() -> argparse.ArgumentParser:
     # The deepspeed launcher passes --local_rank=N before the command (it sets LOCAL_RANK too).
     root.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     commands = root.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_shards, _add_eval, _add_export, _add_plan):
+        add(commands)
+    return root
 
+
+def _add_train(commands: Any) -> None:
     train = commands.add_parser("train", help="pretrain from a recipe (resumes from log.dir by itself)")
     train.add_argument("recipe", help="recipe YAML file")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(run=_train)
 
+
+def _add_shards(commands: Any) -> None:
     shards = commands.add_parser("shards", help="image folder or CSV/JSONL file list → WebDataset tar shards")
     shards.add_argument("src", help="image folder (one subfolder per class) or a .csv/.jsonl list")
     shards.add_argument("out", help="output directory: empty, or a previous run of this command to resume")
@@ -159,6 +167,8 @@ def parser() -> argparse.ArgumentParser:
     shards.add_argument("--quiet", action="store_true", help="no progress bar")
     shards.set_defaults(run=_shards)
 
+
+def _add_eval(commands: Any) -> None:
     evaluation = commands.add_parser("eval", help="score a run's (or checkpoint's) backbone: kNN, linear probe, "
                                                   "or zero-shot")
     kinds = evaluation.add_subparsers(dest="kind", required=True)
@@ -194,6 +204,8 @@ def parser() -> argparse.ArgumentParser:
                              help="raw features (default: standardised by the training set's mean and std)")
         sub.set_defaults(run=_eval)
 
+
+def _add_export(commands: Any) -> None:
     export = commands.add_parser("export", help="a run's (or checkpoint's) backbone → a folder timm loads "
                                                 "(local-dir:OUT_DIR), or one .safetensors file; any engine")
     export.add_argument("source", metavar="RUN", help="run directory (its newest checkpoint) or a checkpoint directory")
@@ -202,6 +214,8 @@ def parser() -> argparse.ArgumentParser:
                              "config.yaml), or a path ending in .safetensors for the weights alone")
     export.set_defaults(run=_export)
 
+
+def _add_plan(commands: Any) -> None:
     plan = commands.add_parser("plan", help="capacity plan of a recipe at N GPUs: collectives, memory and a step-time "
                                             "lower bound per engine, and which engine fits")
     plan.add_argument("recipe", help="recipe YAML file")
@@ -216,7 +230,6 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.add_argument("--no-cache", action="store_true", help="trace the step again instead of reusing the cache")
     plan.set_defaults(run=_plan)
-    return root
 
 
 def _reported_here(err: UserError) -> bool:

@@ -10,9 +10,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+
+from bigssl import runtime
+from bigssl.distributed import comm
+
+if TYPE_CHECKING:
+    from bigssl.methods.base import StepOutput
 
 STD_COLLAPSE_FACTOR = 0.2  # warn below 0.2/√d (a spread embedding sits at 1/√d)
 UNIFORM_LOSS_TOLERANCE = 0.01  # relative distance to ln K that counts as pinned
@@ -75,3 +82,21 @@ class CollapseWatch:
                                 f"uniform prediction (ln K = {uniform:.4f}), for {PINNED_LOG_STEPS} log steps: "
                                 "collapse")
         return warnings
+
+
+def log_step_values(out: StepOutput, param_groups: list[dict[str, Any]], ema_momentum: float | None,
+                    device: torch.device) -> dict[str, float]:
+    """Numbers that tell a healthy run from a sick one, at a log step (a collective): the
+    embedding's spread over the global batch, each parameter group's lr and weight decay, the
+    EMA momentum of the update just applied (None: no teacher), memory."""
+    values: dict[str, float] = {}
+    if out.embedding is not None:  # over the global batch: the effective rank needs many rows
+        values.update(embedding_health(comm.gather_variable(out.embedding.detach().float())))
+    for index, group in enumerate(param_groups):
+        name = group.get("name", f"group{index}")
+        values[f"lr/{name}"] = 0.0 if group.get("frozen") else float(group["lr"])  # the lr it steps with
+        values[f"wd/{name}"] = float(group.get("weight_decay", 0.0))
+    if ema_momentum is not None:
+        values["ema_momentum"] = ema_momentum
+    values.update(runtime.memory_gib(device))
+    return values

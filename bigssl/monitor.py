@@ -53,6 +53,16 @@ def _install_quiet_tensorboard_thread() -> None:
         threading.excepthook = _quiet_tensorboard_thread
 
 
+def run_directory_note(run_dir: Path) -> str:
+    """Where everything went, and the one command to look at it."""
+    entries = sorted(path.name + ("/" if path.is_dir() else "") for path in run_dir.iterdir()
+                     if not path.name.startswith("."))
+    note = f"bigssl: run directory {run_dir}: {', '.join(entries)}"
+    if (run_dir / "tb").is_dir():
+        note += f"\nbigssl: to look at it: tensorboard --logdir {run_dir / 'tb'}"
+    return note
+
+
 class Monitor:
     def __init__(self, run_dir: Path, is_main: bool, start_step: int, tensorboard: bool = True,
                  progress: bool = True) -> None:

@@ -6,8 +6,9 @@ LARS, no trust-ratio adaptation: the convention of SimCLR, BYOL, Barlow Twins an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -16,34 +17,79 @@ from bigssl.config import OptimConfig
 from bigssl.errors import ConfigError
 from bigssl.schedules import PerEpoch, WarmupCosine, WarmupSteps
 
-PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (Method.attach_online_probe)
+PROBE_PREFIX = "online_probe."  # the online linear probe's parameters (methods/base.py)
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """What a method asks of the optimizer for its parameters whose names start with `prefix`
+    (`Method.param_rules`): they get groups of their own, "<prefix>:decay" and "<prefix>:no_decay"."""
+
+    prefix: str
+    fixed_lr: bool = False  # stay at the peak lr (optim.lr), no schedule: SimSiam's predictor
+    # Left out of the optimizer step before this step (no update, no weight decay, no optimizer
+    # state): DINO's last layer, SwAV's prototypes. The trainer marks the group `frozen`.
+    frozen_steps: int = 0
+    lr_scale: float | None = None  # lr relative to the schedule; None: 1 (optim.no_decay_lr_scale without decay)
+    no_decay_only: bool = False  # every parameter in the no-decay group: the online probe
+
+    def group_entries(self) -> dict[str, Any]:
+        """The settings this rule changes, as the optimizer group's entries (torch keeps a group's
+        options in its dict, and checkpoints them with it): only those that differ from the default."""
+        entries: dict[str, Any] = {}
+        if self.fixed_lr:
+            entries["fixed_lr"] = True
+        if self.frozen_steps:
+            entries["frozen_steps"] = self.frozen_steps
+        if self.lr_scale is not None:
+            entries["lr_scale"] = self.lr_scale
+        return entries
+
+
+@dataclass(frozen=True)
+class GroupSettings:
+    """How the trainer sets one optimizer group before each step: its entries, read once here
+    (the group dicts are torch's; param_groups wrote them)."""
+
+    fixed_lr: bool = False
+    frozen_steps: int = 0
+    lr_scale: float = 1.0
+    scheduled_wd: bool = False  # a method's weight-decay schedule applies to the group
+
+    @classmethod
+    def of(cls, group: dict[str, Any]) -> GroupSettings:
+        return cls(fixed_lr=bool(group.get("fixed_lr", False)),
+                   frozen_steps=group.get("frozen_steps", 0), lr_scale=group.get("lr_scale", 1.0),
+                   scheduled_wd=bool(group.get("scheduled_wd", False)))
 
 
 def param_groups(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
-                 rules: dict[str, dict] | None = None) -> list[dict]:
+                 rules: Sequence[ParamRule] = ()) -> list[dict]:
     """Named groups: "decay" and "no_decay" (biases and norms: no weight decay, no LARS
-    adaptation); for each of the method's `rules` (parameter-name prefix → group options such as
-    fixed_lr, frozen_steps, lr_scale) the same split under "<prefix>:decay"/"<prefix>:no_decay";
-    and "online_probe", which follows the schedule scaled to peak at `probe_lr`, with no weight
-    decay and no LARS adaptation. Groups with weight decay carry scheduled_wd (a method's
-    weight-decay schedule applies to them)."""
+    adaptation); for each of the method's `rules` the same split under
+    "<prefix>:decay"/"<prefix>:no_decay"; and "online_probe", which follows the schedule scaled
+    to peak at `probe_lr`, with no weight decay and no LARS adaptation. Groups with weight decay
+    carry scheduled_wd (a method's weight-decay schedule applies to them). A parameter follows
+    the first rule whose prefix its name starts with."""
     probe_scale = probe_lr / config.lr if config.lr > 0 else 1.0
-    rules = {PROBE_PREFIX: {"lr_scale": probe_scale, "no_decay_only": True}, **(rules or {})}
+    by_prefix = {rule.prefix: rule for rule in (ParamRule(PROBE_PREFIX, lr_scale=probe_scale, no_decay_only=True),
+                                                *rules)}
     buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        prefix = next((p for p in rules if name.startswith(p)), "")
-        plain = (config.exclude_bias_norm and param.ndim <= 1) or rules.get(prefix, {}).get("no_decay_only", False)
+        prefix = next((p for p in by_prefix if name.startswith(p)), "")
+        rule = by_prefix.get(prefix)
+        plain = (config.exclude_bias_norm and param.ndim <= 1) or (rule is not None and rule.no_decay_only)
         buckets.setdefault((prefix, not plain), []).append(param)
     groups = []
     for (prefix, decays), params in buckets.items():
-        options = {k: v for k, v in rules.get(prefix, {}).items() if k != "no_decay_only"}
+        entries = by_prefix[prefix].group_entries() if prefix else {}
         label = "decay" if decays else "no_decay"
         name = "online_probe" if prefix == PROBE_PREFIX else (f"{prefix.rstrip('.')}:{label}" if prefix else label)
         groups.append({"name": name, "params": params, "weight_decay": config.weight_decay if decays else 0.0,
                        "lars_adapt": decays, "lr_scale": 1.0 if decays else config.no_decay_lr_scale,
-                       "scheduled_wd": decays, **options})
+                       "scheduled_wd": decays, **entries})
     order = {"decay": 0, "no_decay": 1}
     return sorted(groups, key=lambda g: (order.get(g["name"], 2), g["name"]))
 
@@ -211,7 +257,7 @@ def _adapted(decayed: torch.Tensor, grad: torch.Tensor, trust: torch.Tensor, app
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig, probe_lr: float = 0.1,
-                    rules: dict[str, dict] | None = None) -> torch.optim.Optimizer:
+                    rules: Sequence[ParamRule] = ()) -> torch.optim.Optimizer:
     groups = param_groups(model, config, probe_lr, rules)
     if config.name == "lars":
         optimizer: torch.optim.Optimizer = LARS(groups, lr=config.lr, momentum=config.momentum,

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import threading
+from pathlib import Path
 from types import FrameType
 
 from bigssl.errors import EXIT_STOPPED
@@ -78,6 +79,18 @@ class StopRequest:
 
 def slurm_job_id() -> str | None:
     return os.environ.get("SLURM_JOB_ID") or None
+
+
+def stop_note(signals: list[str], step: int, checkpoint: Path | None, requeue: bool, is_main: bool) -> str:
+    """What a stop after `step` says, its checkpoint named; rank 0 (`is_main`) first requeues
+    the SLURM job when it is one, `requeue` (checkpoint.requeue) asks for it and USR1 was among
+    the `signals`. Called before the ranks' last barrier: once a rank exits, srun
+    --kill-on-bad-exit may end rank 0."""
+    message = f"bigssl: {'/'.join(signals)} received: stopped after step {step}, checkpoint {checkpoint}"
+    job = slurm_job_id()
+    if is_main and job and requeue and REQUEUE_SIGNAL in signals:
+        message += "; " + requeue_slurm_job(job)
+    return message
 
 
 def requeue_slurm_job(job_id: str) -> str:

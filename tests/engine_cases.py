@@ -3,7 +3,6 @@ and a loop that trains a few steps through any engine and records what happened.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,9 @@ from bigssl import recipes
 from bigssl.config import Config, MethodConfig
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
-from bigssl.methods.base import Method, build, register
+from bigssl.methods.base import Method, StepOutput, build, register
+from bigssl.methods.context import RunContext
+from bigssl.methods.teacher import EMATeacher
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
 from bigssl.optim import build_optimizer
@@ -39,28 +40,23 @@ class TinyEMA(Method):
     """BYOL-shaped: online backbone + projector + predictor, an EMA teacher of backbone + projector."""
 
     config_class = TinyEMAConfig
+    config: TinyEMAConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        out = config.model.projector.out_dim
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        out = self.model_config.projector.out_dim
         self.predictor = nn.Sequential(nn.Linear(out, out), nn.ReLU(), nn.Linear(out, out))
-        self.teacher_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.teacher_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.teacher = EMATeacher(self.config.momentum)
+        self.teacher_backbone = self.teacher.copy(self.backbone)
+        self.teacher_projector = self.teacher.copy(self.projector)
 
     def training_step(self, batch, step):
         views = batch["views"][0]
         online = self.predictor(self.projector(self.backbone(views.flatten(0, 1))))
         with torch.no_grad():
             target = self.teacher_projector(self.teacher_backbone(views.flip(0).flatten(0, 1)))
-        return {"loss": (2 - 2 * F.cosine_similarity(online, target, dim=-1)).mean()}
-
-    def ema_pairs(self):
-        return [(self.backbone, self.teacher_backbone), (self.projector, self.teacher_projector)]
-
-    def ema_momentum(self, step: int) -> float:
-        return self.config.method.momentum
+        return StepOutput((2 - 2 * F.cosine_similarity(online, target, dim=-1)).mean())
 
 
 NO_BN = "model.projector.batch_norm=false"
@@ -90,12 +86,14 @@ def global_batch(world_size: int, step: int) -> dict:
     return {"views": [torch.cat(parts, dim=1)]}
 
 
-def setup(config: Config, rank: int, world_size: int, data_size: int | None = None, env: DistEnv | None = None):
-    """`env`: where the rank really is (a launched job); by default one host, local rank = rank."""
+def setup(config: Config, rank: int, world_size: int, data_size: int | None = None, env: DistEnv | None = None,
+          steps_per_epoch: int = 1, total_steps: int = 1):
+    """`env`: where the rank really is (a launched job); by default one host, local rank = rank.
+    `data_size`, `steps_per_epoch`, `total_steps`: what the method is told of the run."""
     env = env or DistEnv(rank=rank, world_size=world_size, local_rank=rank)
     torch.manual_seed(0)
-    method = build(config)
-    method.configure_data(data_size)
+    method = build(config, RunContext.of(config, world_size=world_size, steps_per_epoch=steps_per_epoch,
+                                         total_steps=total_steps, num_samples=data_size))
     engine = build_engine(config, env, torch.device("cpu"))
     engine.setup(method, lambda module: build_optimizer(module, config.optim, rules=method.param_rules()))
     return engine
@@ -109,7 +107,7 @@ def train_steps(engine, steps: range, batch_for, track_ema: bool = False) -> dic
     losses = []
     for step in steps:
         out = engine.forward(batch_for(step), step)
-        engine.backward(out["loss"])
+        engine.backward(out.loss)
         engine.step()
         if pairs := method.ema_pairs():
             momentum = method.ema_momentum(step)
@@ -117,7 +115,7 @@ def train_steps(engine, steps: range, batch_for, track_ema: bool = False) -> dic
             if track_ema:
                 students = [full(p) for s, _ in pairs for p in s.parameters()]
                 reference = [momentum * r + (1 - momentum) * s for r, s in zip(reference, students, strict=True)]
-        losses.append(out["loss"].item())
+        losses.append(out.loss.item())
     result = {"losses": losses}
     if track_ema:
         result["reference"] = reference

@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from bigssl.config import MethodConfig
 from bigssl.distributed import comm
-from bigssl.methods.base import Method, register
+from bigssl.methods.base import Method, StepOutput, register
 
 HOLD_LIMIT_S = 600  # a hold never outlasts this (a test that failed to release it must not hang)
 
@@ -38,15 +38,15 @@ class Recorder(Method):
     first line carries the weights it loaded."""
 
     config_class = RecorderConfig
+    config: RecorderConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def build(self) -> None:
         # Several units for FSDP2 (a Sequential's members), with rows that 2, 3 and 4 ranks
         # shard unevenly: a resume at another world size really reshards.
         self.backbone = nn.Sequential(nn.Linear(3, 22), nn.Tanh(), nn.Linear(22, 5))
 
     def training_step(self, batch, step):
-        settings = self.config.method
+        settings = self.config
         out = Path(settings.out.format(rank=comm.rank()))
         if step == settings.hold_at_step:
             self._hold(out)
@@ -55,7 +55,7 @@ class Recorder(Method):
         with open(out, "a") as handle:
             handle.write(f"{step} | {socket.gethostname()} | {ids} | {' '.join(pixels)} | {self._fingerprint()}\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))  # [V, B, C, S, S] → [B, C]
-        return {"loss": self.backbone(pooled).pow(2).mean(), "pooled_mean": pooled.mean()}
+        return StepOutput(self.backbone(pooled).pow(2).mean(), metrics={"pooled_mean": pooled.mean()})
 
     def _fingerprint(self) -> str:
         """Of every whole parameter (an all-gather of the shards under FSDP2: every rank takes
@@ -70,8 +70,8 @@ class Recorder(Method):
             time.sleep(0.05)
 
     def _released(self) -> bool:
-        if self.config.method.hold_for != "usr1":
-            return Path(self.config.method.hold_for).exists()
+        if self.config.hold_for != "usr1":
+            return Path(self.config.hold_for).exists()
         # The trainer's stop handler (bigssl.preemption.StopRequest) records the signal.
         handler = signal.getsignal(signal.SIGUSR1)
         return getattr(getattr(handler, "__self__", None), "received", None) is not None

@@ -183,3 +183,91 @@ def test_methods_do_not_import_the_data_pipeline():
     found = sorted(f"{name} → {target}" for name, edges in graph.items() if name.startswith("bigssl.methods")
                    for target in edges if target == "bigssl.data" or target.startswith("bigssl.data."))
     assert not found, "methods that import bigssl.data:\n" + "\n".join(found)
+
+
+# --------------------------------------------------------------------- small, plugged-in parts
+MAX_FUNCTION_LINES = 50
+MAX_TRAINER_LINES = 250
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """`file:line: name (N lines)` for every function or method of `path` longer than `limit`
+    lines, from its `def` to its last line (decorators not counted, its docstring counted)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    return [f"{shown}:{node.lineno}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for node in ast.walk(tree) if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > limit]
+
+
+def class_lines(path: Path, name: str) -> int:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    (node,) = [node for node in ast.walk(tree) if isinstance(node, ast.ClassDef) and node.name == name]
+    return node.end_lineno - node.lineno + 1
+
+
+def asked_not_declared(path: Path) -> list[str]:
+    """`file:line: what` for every comparison with a `.kind` (an engine asked which it is) and
+    every `hasattr(...)` (a method sniffed for what it can do) in `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+    def asks_kind(node: ast.AST) -> bool:
+        return isinstance(node, ast.Compare) and any(isinstance(side, ast.Attribute) and side.attr == "kind"
+                                                     for side in [node.left, *node.comparators])
+
+    def sniffs(node: ast.AST) -> bool:
+        return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr"
+
+    return [f"{shown}:{node.lineno}: {ast.unparse(node)}" for node in ast.walk(tree) if asks_kind(node) or sniffs(node)]
+
+
+def test_no_function_in_bigssl_is_over_50_lines():
+    found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in long_functions(path)]
+    assert not found, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(found)
+
+
+def test_a_long_function_would_be_found(tmp_path: Path):
+    source = tmp_path / "long.py"
+    body = "".join(f"        x{i} = {i}\n" for i in range(50))
+    source.write_text(f"def short():\n    pass\n\nclass A:\n    @staticmethod\n    def long():\n{body}")
+    assert [hit.split(": ", 1)[1] for hit in long_functions(source)] == ["long (51 lines)"]
+    assert long_functions(source, limit=51) == []
+
+
+def test_the_trainer_is_the_loop():
+    """Trainer steps, logs, checkpoints and handles signals; evaluation, the data position and
+    the log window live in their own components (bigssl/eval/during_training.py, data/epoch.py,
+    step_log.py)."""
+    lines = class_lines(PACKAGE / "train.py", "Trainer")
+    assert 100 < lines < MAX_TRAINER_LINES, f"Trainer is {lines} lines"
+
+
+def test_the_trainer_asks_no_engine_its_kind_and_sniffs_no_method():
+    """Engines declare capabilities (`Engine.capabilities`), methods their needs (`Method.encodes_text`)."""
+    paths = [PACKAGE / "train.py", PACKAGE / "eval" / "during_training.py", PACKAGE / "checkpoint.py",
+             *sorted((PACKAGE / "distributed" / "engines").glob("*.py"))]
+    found = [hit for path in paths for hit in asked_not_declared(path)
+             # The engines' own duck typing of torch and DeepSpeed objects is not about a method.
+             if "engines" not in path.parts or ".kind" in hit]
+    assert not found, "asked instead of declared:\n" + "\n".join(found)
+
+
+def test_asking_an_engine_its_kind_or_sniffing_a_method_would_be_found(tmp_path: Path):
+    source = tmp_path / "trainer.py"
+    source.write_text('if self.config.engine.kind == "ddp":\n    pass\nif "ddp" != engine.kind:\n    pass\n'
+                      'ok = hasattr(self.method, "encode_text")\nkind = "ddp"\nname = engine.kind\n')
+    assert [hit.split(": ", 1)[1] for hit in asked_not_declared(source)] == [
+        "self.config.engine.kind == 'ddp'", "'ddp' != engine.kind", "hasattr(self.method, 'encode_text')"]
+
+
+def test_every_engine_is_registered_once_under_the_kind_a_recipe_names():
+    """An engine is its module plus its entry in `ENGINES`; `engine.kind`'s choices in config.py
+    (the ground floor, which imports no engine) must name exactly the registered ones."""
+    from bigssl.config import CHOICES
+    from bigssl.distributed.engines import ENGINES
+
+    assert tuple(ENGINES) == CHOICES["engine.kind"]
+    for kind, engine in ENGINES.items():
+        assert engine.kind == kind and engine.checkpoint_marker
+        assert not getattr(engine, "__abstractmethods__", None), f"{kind}: {sorted(engine.__abstractmethods__)}"

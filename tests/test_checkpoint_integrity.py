@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,13 @@ from torch import nn
 
 from bigssl import checkpoint as checkpoint_lib
 from bigssl.checkpoint import MANIFEST, Checkpointer
-from bigssl.config import Config
+from bigssl.config import Config, MethodConfig
 from bigssl.distributed import comm
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
 from bigssl.errors import CheckpointError, UserError
-from bigssl.methods.base import Method
+from bigssl.methods.base import Method, StepOutput
+from bigssl.methods.context import RunContext, ViewLayout
 
 
 class FakeEngine:
@@ -236,20 +238,27 @@ def test_an_infinite_buffer_is_written(tmp_path: Path):
 
 
 # ------------------------------------------------------------------------ the real DDP engine
+@dataclass
+class WideConfig(MethodConfig):
+    width: int = 16
+
+
 class Wide(Method):
-    def __init__(self, config: Config, width: int) -> None:
-        super().__init__(config)
+    config: WideConfig
+
+    def build(self) -> None:
         torch.manual_seed(0)
-        self.backbone = nn.Linear(width, 64)
+        self.backbone = nn.Linear(self.config.width, 64)
 
     def training_step(self, batch, step):  # pragma: no cover - never trained here
-        return {"loss": self.backbone(batch["x"]).sum()}
+        return StepOutput(self.backbone(batch["x"]).sum())
 
 
 def ddp_engine(width: int):
     config = Config()
     engine = build_engine(config, DistEnv(), torch.device("cpu"))
-    engine.setup(Wide(config, width), lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+    method = Wide(WideConfig(width=width), config.model, ViewLayout(), RunContext.of(config))
+    engine.setup(method, lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
     return engine
 
 

@@ -53,14 +53,14 @@ def test_logit_scale_is_clamped_at_100_without_gradient_above():
     method = build(make_config("clip", *TINY_TEXT, "model.channels_last=false"))
     batch = {"views": [torch.rand(1, 4, 3, 32, 32)], "text": ["a coat", "a bag", "a shirt", "a dress"]}
     assert method.scale().item() == pytest.approx(1 / 0.07, rel=1e-6)  # CLIP's initial temperature
-    method(batch, 0)["loss"].backward()
+    method(batch, 0).loss.backward()
     assert method.logit_scale.grad.abs().item() > 0
     method.zero_grad()
     with torch.no_grad():
         method.logit_scale.fill_(math.log(200.0))
     out = method(batch, 0)
-    assert out["logit_scale"].item() == pytest.approx(100.0)
-    out["loss"].backward()
+    assert out.metrics["logit_scale"].item() == pytest.approx(100.0)
+    out.loss.backward()
     assert method.logit_scale.grad.item() == 0.0
 
 

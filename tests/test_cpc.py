@@ -67,11 +67,11 @@ def test_cpc_trains_on_a_grid_of_patches():
                                                    for c in range(3)], dim=-1) for r in range(3)], dim=-2)
                          for b in range(2)])
         expected = sum(losses.cpc_loss(net(oriented(z, d)), oriented(z, d)) for d, net in method.context.items())
-    assert out["loss"].item() == pytest.approx(expected.item() / len(method.context), rel=1e-5)
-    torch.testing.assert_close(out["features"].detach(), z.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
-    out["loss"].backward()
+    assert out.loss.item() == pytest.approx(expected.item() / len(method.context), rel=1e-5)
+    torch.testing.assert_close(out.features.detach(), z.mean(dim=(2, 3)), rtol=1e-5, atol=1e-6)
+    out.loss.backward()
     assert method.backbone.conv1.weight.grad.abs().sum() > 0
-    assert out["features"].shape == (2, method.backbone.num_features)
+    assert out.features.shape == (2, method.backbone.num_features)
 
 
 def test_cpc_refuses_batch_norm_and_other_view_policies():

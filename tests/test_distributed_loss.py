@@ -15,7 +15,8 @@ from torch import nn
 
 from bigssl import losses
 from bigssl.config import Config
-from bigssl.methods.base import Method
+from bigssl.methods.base import Method, StepOutput
+from bigssl.methods.context import RunContext, ViewLayout
 
 WORLD, LOCAL_BATCH, DIM = 2, 4, 6
 
@@ -24,14 +25,17 @@ class TinyContrastive(Method):
     """A linear encoder trained with nt_xent: small enough to compare gradients exactly."""
 
     def __init__(self) -> None:
-        super().__init__(Config())
+        config = Config()
+        super().__init__(config.method, config.model, ViewLayout(), RunContext.of(config))
+
+    def build(self) -> None:
         torch.manual_seed(0)
         self.backbone = nn.Linear(DIM, 5)
 
     def training_step(self, batch, step):
         view1, view2 = batch["views"]
         z1, z2 = self.backbone(view1), self.backbone(view2)
-        return {"loss": losses.nt_xent(z1, z2, temperature=0.2, gather=True)}
+        return StepOutput(losses.nt_xent(z1, z2, temperature=0.2, gather=True))
 
 
 def global_views() -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +63,7 @@ def _worker(rank: int, world_size: int, out_dir: str, plain_gather: bool) -> Non
     engine.setup(TinyContrastive(), lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
     view1, view2 = global_views()
     mine = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-    loss = engine.forward({"views": [view1[mine], view2[mine]]}, step=0)["loss"]
+    loss = engine.forward({"views": [view1[mine], view2[mine]]}, step=0).loss
     engine.backward(loss)
     grads = {name: p.grad.clone() for name, p in engine.method.named_parameters()}
     torch.save({"loss": comm.all_reduce_mean(loss).item(), "grads": grads, "world": comm.world_size()},

@@ -6,17 +6,21 @@ from bigssl.config import Config
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Method
+from bigssl.methods.base import Method, StepOutput
+from bigssl.methods.context import RunContext, ViewLayout
 
 
 class Regression(Method):
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
+    def build(self) -> None:
         torch.manual_seed(0)
         self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
 
     def training_step(self, batch, step):
-        return {"loss": ((self.backbone(batch["x"]) - batch["y"]) ** 2).mean()}
+        return StepOutput(((self.backbone(batch["x"]) - batch["y"]) ** 2).mean())
+
+
+def regression(config: Config) -> Regression:
+    return Regression(config.method, config.model, ViewLayout(), RunContext.of(config))
 
 
 def engine_for(**engine_keys) -> tuple:
@@ -25,14 +29,14 @@ def engine_for(**engine_keys) -> tuple:
         section, name = key.split("__")
         setattr(getattr(config, section), name, value)
     engine = build_engine(config, DistEnv(), torch.device("cpu"))
-    engine.setup(Regression(config), lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
+    engine.setup(regression(config), lambda m: torch.optim.SGD(m.parameters(), lr=0.0))
     batch = {"x": torch.randn(32, 8, generator=torch.Generator().manual_seed(1)) * 10, "y": torch.ones(32, 1) * 50}
     return engine, batch
 
 
 def test_gradient_clipping_caps_the_global_norm():
     engine, batch = engine_for(optim__clip_grad=0.5)
-    engine.backward(engine.forward(batch, 0)["loss"])
+    engine.backward(engine.forward(batch, 0).loss)
     before = torch.sqrt(sum((p.grad ** 2).sum() for p in engine.method.parameters())).item()
     original_step = engine.optimizer.step
     seen = {}
@@ -52,7 +56,7 @@ def test_per_parameter_clipping_caps_each_gradient_alone():
     """DINO's clipping: every parameter's gradient scaled to norm ≤ 0.5 on its own, the small
     ones left as they were; the reported norm is still the global pre-clip norm."""
     engine, batch = engine_for(optim__clip_grad=0.5, optim__clip_grad_per_parameter=True)
-    engine.backward(engine.forward(batch, 0)["loss"])
+    engine.backward(engine.forward(batch, 0).loss)
     grads = {name: p.grad.clone() for name, p in engine.method.named_parameters()}
     expected = {name: g * min(1.0, 0.5 / (g.norm().item() + 1e-6)) for name, g in grads.items()}
     assert sum(g.norm() > 0.5 for g in grads.values()) >= 2  # clipping acts on several
@@ -74,8 +78,8 @@ def test_bf16_autocast_runs_the_forward_in_bf16():
     with engine.autocast():
         assert engine.method.backbone(batch["x"]).dtype == torch.bfloat16
     fp32_engine, _ = engine_for()
-    loss_bf16 = engine.forward(batch, 0)["loss"].float()
-    loss_fp32 = fp32_engine.forward(batch, 0)["loss"]
+    loss_bf16 = engine.forward(batch, 0).loss.float()
+    loss_fp32 = fp32_engine.forward(batch, 0).loss
     assert torch.isfinite(loss_bf16) and loss_bf16.item() == pytest.approx(loss_fp32.item(), rel=0.05)
     engine.backward(loss_bf16)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in engine.method.parameters())

@@ -21,7 +21,7 @@ def loss_and_grads(*overrides: str) -> tuple[float, dict[str, torch.Tensor], int
         return plain_forward(*args, **kwargs)
 
     block.forward = counting_forward
-    loss = engine.forward(rank_batch(0, 0), 0)["loss"]
+    loss = engine.forward(rank_batch(0, 0), 0).loss
     engine.backward(loss)
     grads = {n: p.grad.clone() for n, p in engine.method.named_parameters() if p.grad is not None}
     return loss.item(), grads, len(calls)
@@ -41,7 +41,7 @@ def test_compiled_backbone_computes_what_the_eager_one_does():
     eager_loss, eager_grads, _ = loss_and_grads()
     engine = setup(make_config("simclr", "engine.compile=true"), rank=0, world_size=1)
     assert engine.method.backbone._compiled_call_impl is not None
-    loss = engine.forward(rank_batch(0, 0), 0)["loss"]
+    loss = engine.forward(rank_batch(0, 0), 0).loss
     engine.backward(loss)
     assert loss.item() == pytest.approx(eager_loss, rel=1e-5)
     for name, param in engine.method.named_parameters():  # fused kernels reorder float sums

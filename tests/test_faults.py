@@ -25,7 +25,7 @@ from bigssl import recipes
 from bigssl.config import MethodConfig
 from bigssl.distributed import comm, watchdog
 from bigssl.errors import EXIT_RANK_LOST
-from bigssl.methods.base import Method, register
+from bigssl.methods.base import Method, StepOutput, register
 from bigssl.train import TrainingDiverged, train
 
 TINY = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32", "model.projector.out_dim=16",
@@ -48,20 +48,20 @@ class NanAt(Method):
     as the step begins, so a test can see whether a skipped step changed it."""
 
     config_class = NanAtConfig
+    config: NanAtConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def build(self) -> None:
         self.backbone = nn.Linear(3, 2)
 
     def training_step(self, batch, step):
-        method = self.config.method
+        method = self.config
         with open(method.weights_log.format(rank=comm.rank()), "a") as handle:
             handle.write(json.dumps({"step": step, "weight": self.backbone.weight.detach().flatten().tolist()}) + "\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))
         loss = self.backbone(pooled).pow(2).mean()
         if step in method.nan_steps and method.nan_rank in (-1, comm.rank()):
             loss = loss * float("nan")
-        return {"loss": loss}
+        return StepOutput(loss)
 
 
 def nan_overrides(tmp_path: Path, nan_steps: list[int], limit: int) -> list[str]:

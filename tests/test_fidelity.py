@@ -15,7 +15,7 @@ from torch import nn
 
 from bigssl.config import OptimConfig
 from bigssl.models.vit_positions import dino_position_table
-from bigssl.optim import LARS, build_optimizer, lr_schedule
+from bigssl.optim import LARS, GroupSettings, ParamRule, build_optimizer, lr_schedule
 
 # ----------------------------------------------------------------------------- frozen groups
 
@@ -35,7 +35,7 @@ def test_a_frozen_group_is_left_out_of_the_step_as_a_gradient_of_none_is(name: s
     and its moments, momentum buffer and step count start when the freeze ends."""
     config = OptimConfig(name=name, lr=0.1, weight_decay=0.05, exclude_bias_norm=False)
     ours, grads = net_and_grads()
-    optimizer = build_optimizer(ours, config, rules={"2.": {"frozen_steps": 2}})
+    optimizer = build_optimizer(ours, config, rules=[ParamRule("2.", frozen_steps=2)])
     reference, _ = net_and_grads()
     reference_groups = [{"params": list(reference[0].parameters()), "weight_decay": 0.05},
                         {"params": [reference[2].weight], "weight_decay": 0.05}]
@@ -44,7 +44,7 @@ def test_a_frozen_group_is_left_out_of_the_step_as_a_gradient_of_none_is(name: s
              "lars": lambda: LARS(reference_groups, lr=0.1, momentum=0.9)}[name]()
     for step, step_grads in enumerate(grads):
         for group in optimizer.param_groups:
-            group["frozen"] = step < group.get("frozen_steps", 0)
+            group["frozen"] = step < GroupSettings.of(group).frozen_steps
         for p, q, g in zip(ours.parameters(), reference.parameters(), step_grads, strict=True):
             p.grad, q.grad = g.clone(), g.clone()
         if step < 2:
@@ -81,9 +81,9 @@ def dino_run(engine_keys: list[str]) -> tuple[list[torch.Tensor], dict[str, torc
     last_layer = []
     for step in range(4):
         for group in engine.optimizer.param_groups:
-            group["frozen"] = step < group.get("frozen_steps", 0)
+            group["frozen"] = step < GroupSettings.of(group).frozen_steps
         out = engine.forward(dino_batch(step), step)
-        engine.backward(out["loss"])
+        engine.backward(out.loss)
         engine.step()
         last_layer.append(full(method.head.last_layer.weight))
     params = {n: full(p) for n, p in method.named_parameters() if p.requires_grad}
@@ -240,7 +240,7 @@ def test_swav_prototype_rows_are_unit_where_they_are_stored(engine: str):
         generator = torch.Generator().manual_seed(step)
         out = engine_obj.forward({"views": [torch.rand((2, BATCH, 3, 32, 32), generator=generator),
                                             torch.rand((2, BATCH, 3, 16, 16), generator=generator)]}, step)
-        engine_obj.backward(out["loss"])
+        engine_obj.backward(out.loss)
         engine_obj.step()
         moved = full(prototypes)
         assert not torch.allclose(moved.norm(dim=1), torch.ones(24), rtol=1e-7, atol=0)  # the step moved them

@@ -109,7 +109,7 @@ def _record_steps(monkeypatch, cls: type, log: list[dict]) -> None:
 
     def recording(self, batch, step):
         pairs = self.ema_pairs()
-        log.append({"step": step, "total": self.total_steps,
+        log.append({"step": step, "total": self.run.total_steps,
                     "student": [p.detach().clone().double() for s, _ in pairs for p in s.parameters()],
                     "teacher": [p.detach().clone().double() for _, t in pairs for p in t.parameters()]})
         return original(self, batch, step)

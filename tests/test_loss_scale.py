@@ -68,7 +68,7 @@ def _norm_and_params_after_one_step(*keys: str) -> tuple[float, list[torch.Tenso
     engine = setup(make_config("simclr", *keys), 0, 1)
     for _ in range(30):
         out = engine.forward(rank_batch(0, 0), 0)
-        engine.backward(out["loss"])
+        engine.backward(out.loss)
         norm = engine.step()
         if math.isfinite(norm):
             return norm, [p.detach().clone() for p in engine.method.parameters()]
@@ -104,14 +104,14 @@ def _overflow_then_clean_step(rank: int, world_size: int, kind: str, out: Path) 
                                "engine.loss_scale_init=64"), rank, world_size)
     before = [engine.local_tensor(p).clone() for p in engine.method.parameters()]
     out_ = engine.forward(rank_batch(rank, 0), 0)
-    engine.backward(out_["loss"])
+    engine.backward(out_.loss)
     _poison_local_gradient(engine, rank_with_inf=world_size - 1)
     skipped_norm = engine.step()
     after_skip = [engine.local_tensor(p).clone() for p in engine.method.parameters()]
     metrics_after_skip = engine.metrics()
     momentum_buffers_after_skip = len(engine.optimizer.state)  # SGD creates them at its first step
     out_ = engine.forward(rank_batch(rank, 1), 1)
-    engine.backward(out_["loss"])
+    engine.backward(out_.loss)
     clean_norm = engine.step()
     after_clean = [engine.local_tensor(p).clone() for p in engine.method.parameters()]
     save_result(out, rank, {
@@ -142,7 +142,7 @@ def test_an_overflow_on_one_rank_skips_the_step_on_every_rank(tmp_path: Path, ki
 def test_loss_scale_survives_a_checkpoint(tmp_path: Path, cpu_fp16):
     engine = setup(make_config("simclr", "engine.precision=fp16"), 0, 1)
     out = engine.forward(rank_batch(0, 0), 0)
-    engine.backward(out["loss"])
+    engine.backward(out.loss)
     _poison_local_gradient(engine, rank_with_inf=0)
     engine.step()
     engine.save(tmp_path, {"step": 1})

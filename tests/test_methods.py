@@ -17,6 +17,7 @@ from helpers import QUICKSTART, SMALL
 
 from bigssl import recipes
 from bigssl.methods.dino import DINO
+from bigssl.optim import GroupSettings, ParamRule
 from bigssl.train import train
 
 MULTI_CROP = {"swav": ["method.prototypes=24"], "dino": ["method.out_dim=64", "method.hidden_dim=32",
@@ -33,10 +34,9 @@ def batch_for(method: str, step: int = 0) -> dict:
     return {"views": groups, "label": torch.arange(BATCH) % 3}
 
 
-def engine_for(method: str, *extra: str):
+def engine_for(method: str, *extra: str, steps_per_epoch: int = 1, total_steps: int = 1):
     keys = [*MULTI_CROP.get(method, EXTRA.get(method, [])), "model.backbone_args.dynamic_img_size=true", *extra]
-    engine = setup(make_config(method, *keys), 0, 1)
-    return engine
+    return setup(make_config(method, *keys), 0, 1, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 @pytest.mark.parametrize("method", ["byol", "simsiam", "barlow", "mocov3", "swav", "dino", "vicreg"])
@@ -48,9 +48,9 @@ def test_method_trains_a_step_and_reports_its_numbers(method: str):
     engine = engine_for(method)
     before = {n: p.detach().clone() for n, p in engine.method.backbone.named_parameters() if p.requires_grad}
     out = engine.forward(batch_for(method), 0)
-    assert out["loss"].ndim == 0
-    assert out["features"].shape[0] == BATCH and out["embedding"].shape[0] == BATCH
-    engine.backward(out["loss"])
+    assert out.loss.ndim == 0
+    assert out.features.shape[0] == BATCH and out.embedding.shape[0] == BATCH
+    engine.backward(out.loss)
     grads = {n: p.grad.detach().clone() for n, p in engine.method.named_parameters() if p.grad is not None}
     norm = engine.step()
     total = math.sqrt(sum(g.double().pow(2).sum().item() for g in grads.values()))
@@ -65,7 +65,7 @@ def test_method_trains_a_step_and_reports_its_numbers(method: str):
             torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=1e-7)
     if method in ("swav", "dino"):
         outputs = {"swav": 24, "dino": 64}[method]  # method.prototypes / method.out_dim above
-        assert out["uniform_loss"].item() == pytest.approx(math.log(outputs))
+        assert out.uniform_loss.item() == pytest.approx(math.log(outputs))
 
 
 def _cosine_mean(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def _swav_written_out(model, groups: list[torch.Tensor]) -> dict[str, float]:
     """main_swav.py: z = unit(projector(h)), scores = z·Pᵀ; per global crop i, codes q_i = B·Q of
     Sinkhorn-Knopp on exp(scores_i/ε) (rows to 1/K, columns to 1/B, 3 times); loss = mean over i
     of the mean over the other crops v of −Σ q_i log softmax(scores_v/τ)."""
-    m = model.config.method
+    m = model.config
     crops = [g[v] for g in groups for v in range(g.shape[0])]
     z = [F.normalize(model.projector(model.backbone(c)), dim=1).double() for c in crops]
     scores = [x @ model.prototypes.weight.double().T for x in z]
@@ -113,7 +113,7 @@ def _swav_written_out(model, groups: list[torch.Tensor]) -> dict[str, float]:
 def _dino_written_out(model, groups: list[torch.Tensor]) -> dict[str, float]:
     """main_dino.py DINOLoss at step 0 (centre 0, teacher temperature 0.04): the mean over pairs
     (teacher global crop i, student crop v ≠ i) of −Σ softmax((t_i − c)/τ_t) log softmax(s_v/τ_s)."""
-    m = model.config.method
+    m = model.config
     crops = [g[v] for g in groups for v in range(g.shape[0])]
     student = [model.head(model.backbone(c)).double() / m.student_temp for c in crops]
     center = model.center.double()
@@ -143,9 +143,9 @@ def test_method_loss_is_its_formula_on_recomputed_embeddings(method: str):
         with torch.no_grad():
             expected = (_swav_written_out if method == "swav" else _dino_written_out)(model, groups)
             out = model({"views": groups, "label": torch.zeros(BATCH, dtype=torch.long)}, 0)
-        assert out["loss"].item() == pytest.approx(expected["loss"], rel=1e-5)
-        assert out["teacher_entropy"].item() == pytest.approx(expected["teacher_entropy"], rel=1e-4, abs=1e-6)
-        assert out["teacher_student_kl"].item() == pytest.approx(expected["teacher_student_kl"], rel=1e-4, abs=1e-6)
+        assert out.loss.item() == pytest.approx(expected["loss"], rel=1e-5)
+        for name in ("teacher_entropy", "teacher_student_kl"):
+            assert out.metrics[name].item() == pytest.approx(expected[name], rel=1e-4, abs=1e-6)
         return
     views = batch_for(method)["views"][0]
     with torch.no_grad():
@@ -165,13 +165,13 @@ def test_method_loss_is_its_formula_on_recomputed_embeddings(method: str):
             z = [F.batch_norm(model.projector(x), None, None, training=True) for x in h]
             c = z[0].T @ z[1] / BATCH
             off = c - torch.diag(torch.diagonal(c))
-            expected = (torch.diagonal(c) - 1).pow(2).sum() + model.config.method.lambd * off.pow(2).sum()
+            expected = (torch.diagonal(c) - 1).pow(2).sum() + model.config.lambd * off.pow(2).sum()
         else:  # MoCo v3: 2τ [ctr(q1, k2) + ctr(q2, k1)]
-            tau = model.config.method.temperature
+            tau = model.config.temperature
             q = [model.predictor(model.projector(x)) for x in h]
             k = [model.momentum_projector(model.momentum_backbone(views[v])) for v in range(2)]
             expected = 2 * tau * (_info_nce_written_out(q[0], k[1], tau) + _info_nce_written_out(q[1], k[0], tau))
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("views", [2, 3])
@@ -190,18 +190,17 @@ def test_simclr_loss_is_nt_xent_of_its_projections_over_all_views(views: int):
         out = method({"views": groups, "label": torch.zeros(BATCH, dtype=torch.long)}, 0)
         projections = [z for g in groups for z in method.projector(method.backbone(flat(g))).chunk(g.shape[0])]
     assert len(projections) == (2 if views == 2 else views + 2)
-    tau = method.config.method.temperature
+    tau = method.config.temperature
     expected = (losses.nt_xent(*projections, tau) if views == 2 else losses.multiview_nt_xent(projections, tau))
-    assert out["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
-    assert not out["features"].requires_grad and out["features"].shape[0] == BATCH  # only the loss carries grad
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert not out.features.requires_grad and out.features.shape[0] == BATCH  # only the loss carries grad
 
 
 @pytest.mark.parametrize("method,start,shift", [("byol", 0.996, 0), ("mocov3", 0.99, 1), ("dino", 0.996, 0)])
 def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float, shift: int):
     """m(t) = 1 − (1 − m0)·½(1 + cos(π t / T)), applied after optimizer step s with t = s + shift:
     MoCo v3's official update at the start of step s + 1 uses m(s + 1)."""
-    engine = engine_for(method)
-    engine.method.configure_schedule(steps_per_epoch=10, total_steps=100)
+    engine = engine_for(method, steps_per_epoch=10, total_steps=100)
     momentum = engine.method.ema_momentum
     for step in (0, 37, 50 - shift, 100 - shift):
         t = step + shift
@@ -210,16 +209,15 @@ def test_ema_momentum_runs_cosine_from_its_base_to_one(method: str, start: float
 
 
 def test_dino_schedules_hit_their_start_and_end_values():
-    engine = engine_for("dino", "optim.weight_decay=0.04")
+    engine = engine_for("dino", "optim.weight_decay=0.04", steps_per_epoch=10, total_steps=1000)
     method: DINO = engine.method
-    method.configure_schedule(steps_per_epoch=10, total_steps=1000)
     # The official per-epoch schedule: np.linspace(0.04, 0.07, 30)[epoch], then 0.07.
     official = np.concatenate([np.linspace(0.04, 0.07, 30), np.full(70, 0.07)])
     for step in (0, 9, 10, 150, 289, 290, 299, 300, 999):
         assert method.teacher_temperature(step) == pytest.approx(official[step // 10], rel=1e-12)
     assert method.teacher_temperature(9) == method.teacher_temperature(0)  # constant within an epoch
     assert method.weight_decay_at(0) == pytest.approx(0.04) and method.weight_decay_at(1000) == pytest.approx(0.4)
-    assert method.param_rules() == {"head.last_layer.": {"frozen_steps": 10}}
+    assert method.param_rules() == [ParamRule("head.last_layer.", frozen_steps=10)]
 
 
 def test_dino_centre_is_the_momentum_mean_of_teacher_outputs():
@@ -242,11 +240,11 @@ def test_simsiam_stops_the_gradient_at_the_target_projection():
     loss = 0.5 * (-torch.nn.functional.cosine_similarity(p[0], z[1].detach()).mean()
                   - torch.nn.functional.cosine_similarity(p[1], z[0].detach()).mean())
     expected = torch.autograd.grad(loss, list(method.projector.parameters()))
-    got = torch.autograd.grad(method(batch, 0)["loss"], list(method.projector.parameters()))
+    got = torch.autograd.grad(method(batch, 0).loss, list(method.projector.parameters()))
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
     assert engine.optimizer.param_groups[-1]["name"].startswith("predictor")
-    assert all(g.get("fixed_lr") for g in engine.optimizer.param_groups if g["name"].startswith("predictor"))
+    assert all(GroupSettings.of(g).fixed_lr for g in engine.optimizer.param_groups if g["name"].startswith("predictor"))
 
 
 def test_mocov3_vit_has_a_frozen_random_patch_projection_and_sincos_positions():
@@ -272,18 +270,17 @@ def test_mocov3_vit_has_a_frozen_random_patch_projection_and_sincos_positions():
 
 
 def test_swav_codes_are_distributions_and_prototypes_start_frozen():
-    engine = engine_for("swav")
+    engine = engine_for("swav", steps_per_epoch=7, total_steps=70)
     method = engine.method
-    method.configure_schedule(steps_per_epoch=7, total_steps=70)
-    assert method.param_rules() == {"prototypes.": {"frozen_steps": 7}}
-    method.config.method.freeze_prototypes_steps = 313  # the official count, in iterations
-    assert method.param_rules() == {"prototypes.": {"frozen_steps": 313}}
+    assert method.param_rules() == [ParamRule("prototypes.", frozen_steps=7)]
+    method.config.freeze_prototypes_steps = 313  # the official count, in iterations
+    assert method.param_rules() == [ParamRule("prototypes.", frozen_steps=313)]
     scores = torch.randn(BATCH, 24, generator=torch.Generator().manual_seed(0))
     codes = method._codes(scores, torch.randn(BATCH, 16), 0, 0)
     # The official Sinkhorn-Knopp (main_swav.py distributed_sinkhorn), written out in plain
     # exponentials: Q = exp(scores/ε)ᵀ / total; per iteration rows (prototypes) to 1/K, columns
     # (samples) to 1/B; codes = B·Q, transposed.
-    epsilon, iterations = method.config.method.epsilon, method.config.method.sinkhorn_iterations
+    epsilon, iterations = method.config.epsilon, method.config.sinkhorn_iterations
     q = torch.exp(scores.double() / epsilon).T
     q /= q.sum()
     for _ in range(iterations):

@@ -20,8 +20,9 @@ from bigssl.methods.memory_bank import noise_ids
 NO_BN = "model.projector.batch_norm=false"
 
 
-def moco(*extra: str, world_size: int = 1, rank: int = 0):
-    keys = ["moco", f"optim.batch_size={BATCH * world_size}", "model.projector.hidden_dim=16", *extra]
+def moco(*extra: str, world_size: int = 1, rank: int = 0, global_batch: int | None = None):
+    """`global_batch`: by default `world_size` ranks' batches; one process may hold several."""
+    keys = ["moco", f"optim.batch_size={global_batch or BATCH * world_size}", "model.projector.hidden_dim=16", *extra]
     return setup(make_config(*keys), rank, world_size)
 
 
@@ -70,8 +71,7 @@ def test_moco_queue_is_identical_on_every_rank_and_equals_one_process(tmp_path: 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(ranks[0]["queue"], ranks[1]["queue"], atol=0, rtol=0)
 
-    engine = moco(*extra, "method.key_bn_splits=2", world_size=1)
-    engine.config.optim.batch_size = 2 * BATCH  # one process holds both ranks' samples
+    engine = moco(*extra, "method.key_bn_splits=2", world_size=1, global_batch=2 * BATCH)  # both ranks' samples
     both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)]}  # noqa: E731
     one = train_steps(engine, range(steps), both)
     written = slice(0, 2 * BATCH * steps)
@@ -85,8 +85,8 @@ def test_moco_queue_is_identical_on_every_rank_and_equals_one_process(tmp_path: 
 BANK = 40
 
 
-def instdisc(*extra: str, world_size: int = 1, rank: int = 0):
-    keys = ["instdisc", f"optim.batch_size={BATCH * world_size}", "model.projector.layers=1",
+def instdisc(*extra: str, world_size: int = 1, rank: int = 0, global_batch: int | None = None):
+    keys = ["instdisc", f"optim.batch_size={global_batch or BATCH * world_size}", "model.projector.layers=1",
             "model.projector.batch_norm=false", "method.negatives=6", *extra]
     engine = setup(make_config(*keys), rank, world_size, data_size=BANK)
     return engine
@@ -106,7 +106,7 @@ def test_instdisc_nce_loss_z_and_bank_update_follow_the_formulas():
     batch = id_batch(0, 0, world_size=1)
     with torch.no_grad():
         f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
-    loss = engine.forward(batch, 0)["loss"].item()
+    loss = engine.forward(batch, 0).loss.item()
     noise = noise_ids(0, 0, BANK, m, BATCH)
     scores = [[float(f[i] @ bank[batch["id"][i]]) / tau] + [float(f[i] @ bank[j]) / tau for j in noise[i]]
               for i in range(BATCH)]
@@ -135,8 +135,8 @@ def test_instdisc_softmax_variant_is_cross_entropy_over_the_sampled_or_whole_ban
     with torch.no_grad():
         f = F.normalize(method.projector(method.backbone(batch["views"][0][0])), dim=1)
     out = engine.forward(batch, 0)
-    engine.backward(out["loss"])  # after the bank's in-place update: the loss kept what it read
-    loss = out["loss"].item()
+    engine.backward(out.loss)  # after the bank's in-place update: the loss kept what it read
+    loss = out.loss.item()
     candidates = noise_ids(0, 0, BANK, negatives, BATCH) if negatives else [list(range(BANK))] * BATCH
     expected = 0.0
     for i, index in enumerate(batch["id"].tolist()):
@@ -169,8 +169,7 @@ def test_instdisc_bank_is_identical_on_every_rank_and_equals_one_process(tmp_pat
     run_distributed(_instdisc_ranks, 2, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(ranks[0]["bank"], ranks[1]["bank"], atol=0, rtol=0)
-    engine = instdisc()
-    engine.config.optim.batch_size = 2 * BATCH
+    engine = instdisc(global_batch=2 * BATCH)  # one process holds both ranks' samples
     both = lambda step: {"views": [torch.cat([rank_batch(r, step)["views"][0] for r in range(2)], dim=1)],  # noqa: E731
                          "id": torch.cat([id_batch(r, step)["id"] for r in range(2)])}
     one = train_steps(engine, range(3), both)
@@ -203,7 +202,7 @@ def test_cmc_in_batch_objective_is_the_sum_of_both_directions():
     engine = cmc("method.objective=batch")
     batch = lab_batch()
     l_view, ab_view = (v.tolist() for v in _cmc_views(engine.method, batch["lab"]))
-    loss = engine.forward(batch, 0)["loss"].item()
+    loss = engine.forward(batch, 0).loss.item()
     tau, expected = 0.07, 0.0
     for i in range(BATCH):
         to_ab = [sum(a * b for a, b in zip(l_view[i], ab_view[j], strict=True)) / tau for j in range(BATCH)]
@@ -218,7 +217,7 @@ def test_cmc_bank_objective_contrasts_each_view_with_the_other_views_bank():
     banks = [m.bank.clone() for m in method.memories]
     batch = lab_batch()
     views = _cmc_views(method, batch["lab"])
-    loss = engine.forward(batch, 0)["loss"].item()
+    loss = engine.forward(batch, 0).loss.item()
     noise = noise_ids(0, 0, BANK, 6, BATCH)
     expected = 0.0
     for view, other_bank in ((views[0], banks[1]), (views[1], banks[0])):  # L vs ab's bank, ab vs L's bank
@@ -235,9 +234,10 @@ def test_cmc_bank_objective_contrasts_each_view_with_the_other_views_bank():
 def test_cmc_trunk_concatenates_the_l_and_ab_encoders_on_a_lab_image():
     from bigssl.data.views import Photometric, rgb_to_lab
 
-    method = cmc().method
+    engine = cmc()
+    method = engine.method
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    lab = Photometric(method.config.data.views).normalize(rgb)  # the evaluation input of the cmc policy
+    lab = Photometric(engine.config.data.views).normalize(rgb)  # the evaluation input of the cmc policy
     expected_l = (rgb_to_lab(rgb)[:, :1] - 50) / 50  # L in [0, 100] → [-1, 1]
     torch.testing.assert_close(lab[:, :1], expected_l, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
@@ -284,7 +284,7 @@ def test_quickstart_recipe_trains_two_steps_through_the_trainer(tmp_path: Path, 
     for loss, (method, batch, step, rng) in zip(logged, seen, strict=True):
         torch.set_rng_state(rng)
         with torch.no_grad():
-            assert loss == pytest.approx(method(batch, step)["loss"].item(), rel=1e-5)
+            assert loss == pytest.approx(method(batch, step).loss.item(), rel=1e-5)
     if recipe in ("instdisc", "cmc"):  # memory banks: one row per training sample, indexed by its id
         labels = torch.from_numpy(quickstart.load_arrays()["train_labels"]).long()
         for _, batch, _, _ in seen:

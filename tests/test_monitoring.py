@@ -80,7 +80,8 @@ def test_logged_health_probe_and_loss_are_those_of_the_step_recomputed(tmp_path:
         probe = (self.online_probe.weight.detach().clone().double(), self.online_probe.bias.detach().clone().double())
         out = original(self, batch, step)
         seen.append({"probe": probe, "label": batch["label"].clone(),
-                     **{k: out[k].detach().clone().double() for k in ("embedding", "features", "loss", "ssl_loss")}})
+                     **{k: getattr(out, k).detach().clone().double()
+                        for k in ("embedding", "features", "loss", "ssl_loss")}})
         return out
 
     monkeypatch.setattr(Method, "forward", recording)
@@ -196,18 +197,18 @@ def test_collapse_warnings_fire_once_per_episode():
 
 def test_online_probe_trains_without_touching_the_backbones_gradients():
     def grads(probe: bool):
-        engine = setup(make_config("simclr"), 0, 1)
-        if probe:  # attached after the backbone is built: the same initial weights
-            engine.method.attach_online_probe(10)
+        # The probe is made after the method's own modules: the same initial weights.
+        engine = setup(make_config("simclr", *(["eval.online_probe_classes=10"] if probe else [])), 0, 1)
+        assert (engine.method.online_probe is not None) == probe
         batch = {**rank_batch(0, 0), "label": torch.tensor([0, 1, 2, -1])}
         out = engine.method(batch, 0)
-        out["loss"].backward()
+        out.loss.backward()
         return out, {n: p.grad.clone() for n, p in engine.method.named_parameters() if p.grad is not None}
 
     plain_out, plain = grads(probe=False)
     probe_out, with_probe = grads(probe=True)
-    assert probe_out["loss"].item() == pytest.approx(plain_out["loss"].item() + probe_out["probe/loss"].item())
-    assert probe_out["ssl_loss"].item() == pytest.approx(plain_out["loss"].item())
+    assert probe_out.loss.item() == pytest.approx(plain_out.loss.item() + probe_out.metrics["probe/loss"].item())
+    assert probe_out.ssl_loss.item() == pytest.approx(plain_out.loss.item())
     for name, grad in plain.items():
         torch.testing.assert_close(with_probe[name], grad, atol=0, rtol=0)
     assert with_probe["online_probe.weight"].abs().sum() > 0

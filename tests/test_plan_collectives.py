@@ -18,6 +18,7 @@ def _counted(rank: int, world_size: int, out_dir: str) -> None:
     from bigssl.distributed.engines import build_engine
     from bigssl.distributed.env import DistEnv
     from bigssl.methods import build as build_method
+    from bigssl.methods.context import RunContext
     from bigssl.optim import build_optimizer
 
     assert comm.world_size() == world_size
@@ -29,9 +30,9 @@ def _counted(rank: int, world_size: int, out_dir: str) -> None:
             local = config.optim.batch_size // world_size
             steps_per_epoch = SAMPLES // config.optim.batch_size
             torch.manual_seed(config.seed)
-            method = build_method(config)
-            method.configure_schedule(steps_per_epoch, config.optim.epochs * steps_per_epoch)
-            method.configure_data(SAMPLES)
+            method = build_method(config, RunContext.of(config, world_size=world_size, steps_per_epoch=steps_per_epoch,
+                                                        total_steps=config.optim.epochs * steps_per_epoch,
+                                                        num_samples=SAMPLES))
             engine = build_engine(config, env, torch.device("cpu"))
             engine.setup(method, lambda module, m=method, c=config: build_optimizer(
                 module, c.optim, c.eval.online_probe_lr, m.param_rules()))
@@ -40,8 +41,8 @@ def _counted(rank: int, world_size: int, out_dir: str) -> None:
                     if rows := method.unit_norm_rows():
                         engine.normalise_rows(rows)
                     out = engine.forward(rank_batch(config, rank, local, step), step)
-                    comm.agree(bool(torch.isfinite(out["loss"].detach())), False)
-                    engine.backward(out["loss"])
+                    comm.agree(bool(torch.isfinite(out.loss.detach())), False)
+                    engine.backward(out.loss)
                     engine.step()
                     if pairs := method.ema_pairs():
                         engine.ema_update(pairs, method.ema_momentum(step))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
+from bigssl.eval.during_training import verdict
 from bigssl.progress import ProgressLine, clock
-from bigssl.train import verdict
 
 
 class FakeClock:

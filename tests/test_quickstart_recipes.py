@@ -33,7 +33,7 @@ COLLAPSE_CHECKED = {"byol", "simsiam", "barlow", "swav", "dino", "mocov3", "vicr
 LAST_LOGS = 10
 # Recipes that must beat the raw-pixel kNN of the same split (same view, k, T) by this much:
 # SimCLR's measured margin is 0.023 (0.8355 vs 0.8125); the seed-to-seed spread is about 0.01.
-BEATS_PIXELS = {"simclr": 0.01}
+BEATS_PIXELS = {"simclr": 0.01, "simclrv2": 0.005}
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])

@@ -23,7 +23,7 @@ from bigssl import recipes
 from bigssl.config import MethodConfig
 from bigssl.data.write import Sample, write_shards
 from bigssl.distributed import comm
-from bigssl.methods.base import Method, register
+from bigssl.methods.base import Method, StepOutput, register
 from bigssl.preemption import Stopped
 from bigssl.train import train
 
@@ -43,23 +43,23 @@ class IdRecorder(Method):
     """Writes the global ids of every batch it trains on; learns nothing useful."""
 
     config_class = IdRecorderConfig
+    config: IdRecorderConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def build(self) -> None:
         self.backbone = nn.Linear(3, 2)
-        if config.method.signal_when_built:
+        if self.config.signal_when_built:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     def training_step(self, batch, step):
-        if step == self.config.method.signal_at_step and comm.rank() == 0:
+        if step == self.config.signal_at_step and comm.rank() == 0:
             os.kill(os.getpid(), signal.SIGUSR1)
         # The ids, then the exact pixels of every view after the photometric half (float64 sums
         # per sample, printed in full), so two runs compare view for view.
         pixels = [f"{v:.17g}" for v in batch["views"][0].double().sum(dim=(0, 2, 3, 4)).tolist()]
-        with open(self.config.method.out.format(rank=comm.rank()), "a") as handle:
+        with open(self.config.out.format(rank=comm.rank()), "a") as handle:
             handle.write(" ".join(str(i) for i in batch["id"].tolist()) + " | " + " ".join(pixels) + "\n")
         pooled = batch["views"][0].mean(dim=(0, 3, 4))  # [V, B, C, S, S] → [B, C]
-        return {"loss": self.backbone(pooled).pow(2).mean(), "pooled_mean": pooled.mean()}
+        return StepOutput(self.backbone(pooled).pow(2).mean(), metrics={"pooled_mean": pooled.mean()})
 
 
 def recorded(path: Path) -> list[list[int]]:

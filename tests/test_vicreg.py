@@ -147,9 +147,9 @@ def test_method_loss_is_the_formula_on_its_own_embeddings():
         out = method({"views": [views], "label": torch.zeros(BATCH, dtype=torch.long)}, 0)
         z = [method.projector(method.backbone(views[v])).double() for v in range(2)]
     expected = _written_out(*z)
-    assert out["loss"].item() == pytest.approx(expected["loss"].item(), rel=1e-5)
-    assert out["covariance"].item() == pytest.approx(expected["covariance"].item(), rel=1e-5)
-    assert out["embedding"].shape == (BATCH, 16) and out["features"].shape[0] == BATCH
+    assert out.loss.item() == pytest.approx(expected["loss"].item(), rel=1e-5)
+    assert out.metrics["covariance"].item() == pytest.approx(expected["covariance"].item(), rel=1e-5)
+    assert out.embedding.shape == (BATCH, 16) and out.features.shape[0] == BATCH
 
 
 def test_an_output_batch_norm_is_refused():

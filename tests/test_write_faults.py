@@ -21,7 +21,7 @@ from torch import nn
 from bigssl import cli
 from bigssl.config import MethodConfig
 from bigssl.errors import UserError
-from bigssl.methods.base import Method, register
+from bigssl.methods.base import Method, StepOutput, register
 from bigssl.monitor import Monitor
 
 NO_SPACE = "No space left on device; 0.0 MiB free there)"
@@ -113,15 +113,15 @@ class FillsDisk(Method):
     """A linear map; fills `disk` at the start of step `at_step`, as another job might."""
 
     config_class = FillsDiskConfig
+    config: FillsDiskConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
+    def build(self) -> None:
         self.backbone = nn.Linear(3, 2)
 
     def training_step(self, batch, step):
-        if step == self.config.method.at_step:
-            fill(Path(self.config.method.disk))
-        return {"loss": self.backbone(batch["views"][0].mean(dim=(0, 3, 4))).pow(2).mean()}
+        if step == self.config.at_step:
+            fill(Path(self.config.disk))
+        return StepOutput(self.backbone(batch["views"][0].mean(dim=(0, 3, 4))).pow(2).mean())
 
 
 def test_a_disk_that_fills_while_logging_ends_the_run_with_one_line(disk: Path, tmp_path: Path,

@@ -72,7 +72,7 @@ def _measure(rank: int, model: str, engine: str, port: int, out: str, overrides:
     engine_.setup(method, lambda module: build_optimizer(module, config.optim))
     batch = {"views": [torch.rand(1, 1, 3, side, side)]}
     for step in range(2):  # the first step makes every lazy buffer; measure after the second backward
-        loss = engine_.forward(batch, step)["loss"]
+        loss = engine_.forward(batch, step).loss
         engine_.backward(loss)
         del loss
         if step == 0:

@@ -15,6 +15,7 @@ import torch
 
 from bigssl.config import Config
 from bigssl.methods import build as build_method
+from bigssl.methods.context import RunContext
 
 
 def trainer_run(config: Config, device: torch.device, skip_windows: int) -> dict[str, Any]:
@@ -73,9 +74,8 @@ def bare_loop(config: Config, batch: int, device: torch.device, steps: int, warm
     """The method's forward and backward, torch's AdamW, the EMA, on views already on the device:
     no data pipeline, no engine, no trainer."""
     torch.manual_seed(config.seed)
-    method = build_method(config).to(device)
-    method.configure_schedule(100, 10_000)
-    method.configure_data(100_000)
+    method = build_method(config, RunContext.of(config, steps_per_epoch=100, total_steps=10_000,
+                                                num_samples=100_000)).to(device)
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-5)
     inputs = {"views": _views(config, batch, device), "label": torch.zeros(batch, dtype=torch.long, device=device),
               "id": torch.arange(batch, device=device)}
@@ -86,7 +86,7 @@ def bare_loop(config: Config, batch: int, device: torch.device, steps: int, warm
 
     def step(index: int) -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = method(inputs, 200 + index)["loss"]
+            loss = method(inputs, 200 + index).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -15,7 +15,8 @@ from bigssl.data.position import Consumed
 from bigssl.distributed.engines import build_engine
 from bigssl.distributed.env import DistEnv
 from bigssl.methods import build as build_method
-from bigssl.optim import build_optimizer, lr_schedule
+from bigssl.methods.context import RunContext
+from bigssl.optim import GroupSettings, build_optimizer, lr_schedule
 
 ENGINES = {"ddp": ["engine.kind=ddp"], "zero1": ["engine.kind=deepspeed", "engine.zero_stage=1"],
            "zero2": ["engine.kind=deepspeed", "engine.zero_stage=2"],
@@ -25,7 +26,7 @@ BF16_TOLERANCE = 1e-2  # relative: bf16 keeps 8 significant bits (2⁻⁸ ≈ 0.
 
 def real_batch(config: Config, device: torch.device, local_batch: int) -> dict[str, Any]:
     """The first batch of the run's own stream (workers decode and crop), its photometric half
-    on `device`, as Trainer._to_device does."""
+    on `device`, as TrainData.to_device does."""
     data = TrainData(config, 0, 1, local_batch)
     loader = data.loader(0, 0, Consumed(), Consumed())
     batch = next(iter(loader))
@@ -52,9 +53,8 @@ def train_steps(config: Config, batch: dict[str, Any], device: torch.device, ste
 def _train_steps(config: Config, batch: dict[str, Any], device: torch.device, steps: int) -> dict[str, Any]:
     steps_per_epoch = 100
     torch.manual_seed(config.seed)
-    method = build_method(config)
-    method.configure_schedule(steps_per_epoch, config.optim.epochs * steps_per_epoch)
-    method.configure_data(100_000)
+    method = build_method(config, RunContext.of(config, steps_per_epoch=steps_per_epoch,
+                                                total_steps=config.optim.epochs * steps_per_epoch, num_samples=100_000))
     engine = build_engine(config, DistEnv(), device)
     engine.setup(method, lambda module: build_optimizer(module, config.optim, config.eval.online_probe_lr,
                                                         method.param_rules()))
@@ -66,11 +66,12 @@ def _train_steps(config: Config, batch: dict[str, Any], device: torch.device, st
     first = steps_per_epoch * 2
     for step in range(first, first + steps):
         for group in engine.optimizer.param_groups:
-            group["lr"] = (config.optim.lr if group.get("fixed_lr") else lr(step)) * group.get("lr_scale", 1.0)
+            settings = GroupSettings.of(group)
+            group["lr"] = (config.optim.lr if settings.fixed_lr else lr(step)) * settings.lr_scale
         torch.manual_seed(config.seed + step)  # drop-path draws: the same under every engine
         out = engine.forward(batch, step)
-        losses.append(float(out["loss"].detach()))
-        engine.backward(out["loss"])
+        losses.append(float(out.loss.detach()))
+        engine.backward(out.loss)
         engine.step()
         if pairs := method.ema_pairs():
             engine.ema_update(pairs, method.ema_momentum(step))

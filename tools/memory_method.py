@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bigssl.config import MethodConfig
-from bigssl.methods.base import Method, flat, register
+from bigssl.methods.base import Method, StepOutput, flat, register
 from bigssl.models.backbones import build_backbone
 
 FEATURES_METHOD = "bench_features"
@@ -20,9 +20,8 @@ class FeaturesConfig(MethodConfig):
 class Features(Method):
     config_class = FeaturesConfig
 
-    def __init__(self, config) -> None:
-        super().__init__(config)
-        self.backbone = build_backbone(config.model)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
 
     def training_step(self, batch, step):
-        return {"loss": self.backbone(flat(batch["views"][0])).pow(2).mean()}
+        return StepOutput(self.backbone(flat(batch["views"][0])).pow(2).mean())

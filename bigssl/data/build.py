@@ -167,8 +167,8 @@ def _note_conversion(item: Item, sample: Sample, counter: dict[str, int], bar: t
                   "to PNG", file=sys.stderr)
 
 
-def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar: bool = True) -> dict:
-    """Write (or finish writing) the shards of `src` into `out`; returns the index."""
+def _listing(src: Path, options: Options) -> tuple[list[str], list[Item]]:
+    """The classes and the items of `src` (a folder or a list), in the order they are written."""
     if src.is_dir():
         classes, items = folder_items(src)
     elif src.is_file():
@@ -177,6 +177,12 @@ def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar
         raise UserError(f"shards: source not found: {src}")
     if options.shuffle_seed is not None:
         random.Random(options.shuffle_seed).shuffle(items)
+    return classes, items
+
+
+def build(src: Path, out: Path, options: Options, workers: int = 0, progress_bar: bool = True) -> dict:
+    """Write (or finish writing) the shards of `src` into `out`; returns the index."""
+    classes, items = _listing(src, options)
     print_of = fingerprint(items, classes, options)
 
     out.mkdir(parents=True, exist_ok=True)

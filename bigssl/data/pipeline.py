@@ -3,6 +3,7 @@ resumable position, skip counters. Also the labelled evaluation stream."""
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -68,6 +69,22 @@ class TrainData:
             raise ConfigError(f"optim.batch_size={config.optim.batch_size} exceeds the {samples} samples per epoch")
         self.geometry = Geometry(data.views)
         self.photometric = Photometric(data.views)
+        self._generator: torch.Generator | None = None  # the photometric draws', on the training device
+
+    def to_device(self, batch: dict[str, Any], step: int, device: torch.device) -> dict[str, Any]:
+        """A training batch's uint8 crops to `device`, then the photometric half of its views,
+        batched there, from draws seeded by (seed, rank, step)."""
+        groups = [g.to(device, non_blocking=True) for g in batch["views"]]
+        key = hashlib.blake2b(f"{self.config.seed}/{self.rank}/{step}".encode(), digest_size=8).digest()
+        seed = int.from_bytes(key, "little") >> 1
+        if self._generator is None:
+            self._generator = torch.Generator(device=device)
+        generator = self._generator.manual_seed(seed)  # reproducible per (seed, rank, step)
+        # The global generators too (drop path, dropout, anything a method draws): a resumed run
+        # then draws at step s what an uninterrupted one drew there.
+        torch.manual_seed(seed)
+        views = self.photometric(groups, generator)
+        return {**batch, "views": views, "label": batch["label"].to(device, non_blocking=True)}
 
     def spec(self, epoch: int, restart_step: int) -> StreamSpec:
         data = self.config.data

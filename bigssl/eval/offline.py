@@ -23,6 +23,7 @@ from bigssl.distributed import env as env_lib
 from bigssl.errors import UserError
 from bigssl.eval import knn, linear, zeroshot
 from bigssl.eval.runs import SavedRun, locate
+from bigssl.methods.base import Method
 from bigssl.models.heads import projector_prefix
 from bigssl.monitor import Monitor
 
@@ -96,7 +97,7 @@ def evaluate(kind: str, source: Path, options: EvalOptions) -> dict[str, float]:
     return scores
 
 
-def load_method(saved: SavedRun, device: torch.device) -> nn.Module:
+def load_method(saved: SavedRun, device: torch.device) -> Method:
     """The whole method (both towers of an image–text model), merged from any engine's checkpoint."""
     from bigssl.distributed.engines.consolidate import method_state
     from bigssl.methods import build
@@ -119,7 +120,7 @@ def _evaluate(kind: str, saved: SavedRun, options: EvalOptions, device: torch.de
     val_shards = resolve(options.val, "--val")
     if kind == "zeroshot":
         method = load_method(saved, device)
-        if not hasattr(method, "encode_text"):
+        if not method.encodes_text:
             raise UserError(f"eval zeroshot: method {config.method.name} has no text tower (an image-text "
                             "method such as clip has)")
         prompts = zeroshot.prompts_for(val_shards, "--val", options.classnames, options.templates)

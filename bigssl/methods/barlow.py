@@ -10,11 +10,8 @@ lower lr for biases and BN parameters is `optim.no_decay_lr_scale` (0.0048 / 0.2
 
 from __future__ import annotations
 
-import torch
-
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import BarlowConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
@@ -23,16 +20,16 @@ from bigssl.models.heads import projector
 @register("barlow")
 class BarlowTwins(Method):
     config_class = BarlowConfig
+    config: BarlowConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: BarlowConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         views = batch["views"][0]
         features = [self.backbone(views[v]) for v in range(2)]
         z1, z2 = (self.projector(h) for h in features)
         loss = losses.barlow_twins_loss(z1, z2, method.lambd, differentiable_reduce=method.differentiable_reduce)
-        return {"loss": loss, "features": features[0], "embedding": z1.detach()}
+        return StepOutput(loss, features[0], z1.detach())

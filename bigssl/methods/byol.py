@@ -16,44 +16,36 @@ copy of the online network.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import BYOLConfig
+from bigssl.methods.teacher import EMATeacher
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
-from bigssl.schedules import cosine_to
 
 
 @register("byol")
 class BYOL(Method):
     config_class = BYOLConfig
+    config: BYOLConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: BYOLConfig = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        out = config.model.projector.out_dim
-        self.predictor = mlp(out, method.predictor_hidden_dim, out, layers=2, batch_norm=True, last_batch_norm=False)
-        self.target_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.target_projector = copy.deepcopy(self.projector).requires_grad_(False)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        out = self.model_config.projector.out_dim
+        self.predictor = mlp(out, self.config.predictor_hidden_dim, out, layers=2, batch_norm=True,
+                             last_batch_norm=False)
+        self.teacher = EMATeacher(self.config.momentum, final=1.0, total_steps=self.run.total_steps)  # τ(t)
+        self.target_backbone = self.teacher.copy(self.backbone)
+        self.target_projector = self.teacher.copy(self.projector)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         views = batch["views"][0]  # [2, B, C, H, W]
         features = [self.backbone(views[v]) for v in range(2)]
         predictions = [self.predictor(self.projector(h)) for h in features]
         with torch.no_grad():
             targets = [self.target_projector(self.target_backbone(views[v])) for v in range(2)]
         loss = losses.normalized_mse(predictions[0], targets[1]) + losses.normalized_mse(predictions[1], targets[0])
-        return {"loss": loss, "features": features[0], "embedding": targets[0]}
-
-    def ema_pairs(self):
-        return [(self.backbone, self.target_backbone), (self.projector, self.target_projector)]
-
-    def ema_momentum(self, step: int) -> float:
-        return cosine_to(self.config.method.momentum, 1.0, step, self.total_steps)
+        return StepOutput(loss, features[0], targets[0])

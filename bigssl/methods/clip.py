@@ -20,8 +20,7 @@ import torch
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import CLIPConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.text import ByteTokenizer, TextTransformer
@@ -30,11 +29,12 @@ from bigssl.models.text import ByteTokenizer, TextTransformer
 @register("clip")
 class CLIP(Method):
     config_class = CLIPConfig
+    encodes_text = True
+    config: CLIPConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: CLIPConfig = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
+    def build(self) -> None:
+        method = self.config
+        self.backbone = build_backbone(self.model_config)
         self.image_projection = nn.Linear(feature_dim(self.backbone), method.embed_dim, bias=False)
         self.text = TextTransformer(method.text_width, method.text_layers, method.text_heads, method.context_length)
         self.text_projection = nn.Linear(method.text_width, method.embed_dim, bias=False)
@@ -49,14 +49,14 @@ class CLIP(Method):
         return self.text_projection(self.text(tokens))
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.config.method.max_logit_scale)
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         if "text" not in batch:
             raise ValueError("method clip needs captions: data.views.policy: clip and shards with .txt members")
         features = self.backbone(batch["views"][0][0])
         image = self.image_projection(features)
         text = self.encode_text(list(batch["text"]))
         scale = self.scale()
-        loss = losses.clip_loss(image, text, scale, gather=self.config.method.gather)
-        return {"loss": loss, "features": features, "embedding": image.detach(), "logit_scale": scale.detach()}
+        loss = losses.clip_loss(image, text, scale, gather=self.config.gather)
+        return StepOutput(loss, features, image.detach(), metrics={"logit_scale": scale.detach()})

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config, ModelConfig
+from bigssl.config import ModelConfig
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import CMCConfig
 from bigssl.methods.instdisc import bank_loss, check_bank_loss
 from bigssl.methods.memory_bank import MemoryBank
@@ -56,35 +56,33 @@ class SplitViewEncoder(nn.Module):
 @register("cmc")
 class CMC(Method):
     config_class = CMCConfig
+    config: CMCConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: CMCConfig = config.method  # type: ignore[assignment]
+    def build(self) -> None:
+        method, views = self.config, self.view_layout
         if method.objective not in ("bank", "batch"):
             raise ConfigError(f"method.objective: {method.objective!r} is not one of bank, batch")
         if method.objective == "bank":
             check_bank_loss(method.loss, method.negatives)
-        if config.data.views.policy != "cmc":
-            raise ConfigError(f"data.views.policy: method cmc needs the cmc policy (L and ab views), "
-                              f"not {config.data.views.policy!r}")
-        self.backbone = SplitViewEncoder(config.model)
-        self.projectors = nn.ModuleList(projector(feature_dim(e), config.model.projector)
+        if views.channel_split != VIEW_CHANNELS or views.color_space != "lab":
+            raise ConfigError(f"data.views.policy: method cmc needs the cmc policy (L and ab views: Lab colour, "
+                              f"channel_split {list(VIEW_CHANNELS)}), not {views.color_space} views with "
+                              f"channel_split {list(views.channel_split)}")
+        self.backbone = SplitViewEncoder(self.model_config)
+        self.projectors = nn.ModuleList(projector(feature_dim(e), self.model_config.projector)
                                         for e in self.backbone.encoders)
-        dim = config.model.projector.out_dim
+        dim = self.model_config.projector.out_dim
         self.memories = nn.ModuleList(MemoryBank(dim) for _ in VIEW_CHANNELS) if method.objective == "bank" else None
-
-    def configure_data(self, num_samples: int | None) -> None:
-        if self.memories is not None:
-            for memory in self.memories:
-                memory.allocate(num_samples, self.config.seed)
+        for memory in self.memories or ():
+            memory.allocate(self.run.num_samples, self.run.seed)  # empty if unknown: see MemoryBank.allocate
 
     def synchronised_buffers(self) -> list[str]:
         if self.memories is None:
             return []
         return [f"memories.{i}.{name}" for i in range(len(VIEW_CHANNELS)) for name in MemoryBank.BUFFERS]
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: CMCConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         groups = batch["views"]  # [L: [1, B, 1, H, W], ab: [1, B, 2, H, W]]
         if len(groups) != 2:
             raise ValueError("method cmc expects two view groups (L and ab) from the cmc view policy")
@@ -98,11 +96,11 @@ class CMC(Method):
             ids = batch["id"].to(l_view.device)
             for memory in self.memories:
                 memory.check(ids)
-            seed = self.config.seed
+            seed = self.run.seed
             # Each view's feature against the other view's bank (the paper's L→ab and ab→L terms).
             loss = (bank_loss(self.memories[1], l_view, ids, method, seed, step)
                     + bank_loss(self.memories[0], ab_view, ids, method, seed, step))
             self.memories[0].update(l_view.detach(), ids, method.bank_momentum)
             self.memories[1].update(ab_view.detach(), ids, method.bank_momentum)
-        return {"loss": loss, "features": torch.cat(features, dim=1), "embedding": l_view.detach(),
-                "temperature": loss.new_tensor(method.temperature)}
+        return StepOutput(loss, torch.cat(features, dim=1), l_view.detach(),
+                          metrics={"temperature": loss.new_tensor(method.temperature)})

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import CPCConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 
@@ -64,17 +63,17 @@ def oriented(z: torch.Tensor, direction: str) -> torch.Tensor:
 @register("cpc")
 class CPC(Method):
     config_class = CPCConfig
+    config: CPCConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: CPCConfig = config.method  # type: ignore[assignment]
-        if config.data.views.policy != "cpc":
-            raise ConfigError(f"data.views.policy: method cpc needs the cpc policy (a grid of patches), "
-                              f"not {config.data.views.policy!r}")
+    def build(self) -> None:
+        method = self.config
+        if self.view_layout.crop != "patch_grid":
+            raise ConfigError(f"data.views.policy: method cpc needs the cpc policy (a grid of patches: crop "
+                              f"patch_grid), not views cut by crop {self.view_layout.crop}")
         unknown = [d for d in method.directions if d not in DIRECTIONS]
         if unknown or not method.directions:
             raise ConfigError(f"method.directions: {method.directions} must be a non-empty subset of {DIRECTIONS}")
-        self.backbone = build_backbone(config.model)
+        self.backbone = build_backbone(self.model_config)
         batch_norms = [name for name, module in self.backbone.named_modules()
                        if isinstance(module, nn.modules.batchnorm._BatchNorm)]
         if batch_norms:
@@ -84,7 +83,7 @@ class CPC(Method):
         self.context = nn.ModuleDict({d: ContextNetwork(dim, method.context_dim, method.context_layers, method.steps)
                                       for d in method.directions})
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         patches = batch["views"][0]  # [G², B, C, P, P], row-major over the grid
         cells, images = patches.shape[:2]
         grid = round(cells**0.5)
@@ -93,4 +92,4 @@ class CPC(Method):
         loss = sum(losses.cpc_loss(network(oriented(z, d)), oriented(z, d)) for d, network in self.context.items())
         loss = loss / len(self.context)
         pooled = z.mean(dim=(2, 3))  # an image's representation: its patch codes, mean-pooled (CPC v1 §3.2)
-        return {"loss": loss, "features": pooled, "embedding": pooled.detach()}
+        return StepOutput(loss, pooled, pooled.detach())

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigssl import health, losses
-from bigssl.config import Config
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, flat, register
+from bigssl.methods.base import Batch, Method, StepOutput, flat, register
 from bigssl.methods.configs import DINOConfig
+from bigssl.methods.teacher import EMATeacher
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.vit_positions import use_dino_position_table
+from bigssl.optim import ParamRule
 from bigssl.schedules import cosine_to, linear_warmup
 
 
@@ -75,21 +76,22 @@ class DINOHead(nn.Module):
 @register("dino")
 class DINO(Method):
     config_class = DINOConfig
+    config: DINOConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: DINOConfig = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
+    def build(self) -> None:
+        method, model = self.config, self.model_config
+        self.backbone = build_backbone(model)
         if getattr(self.backbone, "cls_token", None) is not None:
             # The official ViT draws its class token from trunc-normal 0.02 (timm: normal 1e-6).
             nn.init.trunc_normal_(self.backbone.cls_token, std=0.02)
         self.head = DINOHead(feature_dim(self.backbone), method)
-        teacher_model = copy.deepcopy(config.model)
-        teacher_model.backbone_args = {k: v for k, v in config.model.backbone_args.items()
+        self.teacher = EMATeacher(method.momentum, final=1.0, total_steps=self.run.total_steps)
+        teacher_model = copy.deepcopy(model)
+        teacher_model.backbone_args = {k: v for k, v in model.backbone_args.items()
                                        if k not in ("drop_path_rate", "drop_rate")}
-        self.teacher_backbone = build_backbone(teacher_model).requires_grad_(False)
+        self.teacher_backbone = self.teacher.follow(self.backbone, build_backbone(teacher_model))
         self.teacher_backbone.load_state_dict(self.backbone.state_dict())
-        self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
+        self.teacher_head = self.teacher.copy(self.head)
         if method.pos_interpolation == "dino":
             use_dino_position_table(self.backbone)
             use_dino_position_table(self.teacher_backbone)
@@ -101,18 +103,17 @@ class DINO(Method):
         """The official schedule is per epoch, np.linspace(τ0, τ1, W)[epoch]: τ1 reached at
         epoch W − 1. A whole number of warm-up epochs follows it exactly; a fractional one (a
         short run) moves per step instead."""
-        m: DINOConfig = self.config.method  # type: ignore[assignment]
+        m, steps_per_epoch = self.config, self.run.steps_per_epoch
         warmup = m.teacher_temp_warmup_epochs
         if warmup >= 1 and warmup == int(warmup):
-            epoch = step // self.steps_per_epoch
+            epoch = step // steps_per_epoch
             if epoch >= warmup:
                 return m.teacher_temp_final
             return m.teacher_temp + (m.teacher_temp_final - m.teacher_temp) * epoch / max(1, warmup - 1)
-        return linear_warmup(m.teacher_temp, m.teacher_temp_final, step,
-                             round(warmup * self.steps_per_epoch))
+        return linear_warmup(m.teacher_temp, m.teacher_temp_final, step, round(warmup * steps_per_epoch))
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: DINOConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         groups = batch["views"]
         batch_size = groups[0].shape[1]
         features = [self.backbone(flat(group)) for group in groups]
@@ -126,27 +127,22 @@ class DINO(Method):
             stats = health.distillation_stats(teacher_probs, student[1].detach() / method.student_temp)
             self._update_center(teacher)
         # Collapse is watched on the backbone's features (the K-dim head output is a distribution).
-        return {"loss": loss, "features": features[0][:batch_size], "embedding": features[0][:batch_size].detach(),
-                "teacher_temp": loss.new_tensor(teacher_temp),
-                "uniform_loss": loss.new_tensor(math.log(method.out_dim)), **stats}
+        return StepOutput(loss, features[0][:batch_size], features[0][:batch_size].detach(),
+                          uniform_loss=loss.new_tensor(math.log(method.out_dim)),
+                          metrics={"teacher_temp": loss.new_tensor(teacher_temp), **stats})
 
     @torch.no_grad()
     def _update_center(self, teacher: torch.Tensor) -> None:
         """c ← m·c + (1 − m)·mean of the teacher outputs over the global batch (all-reduced)."""
-        momentum = self.config.method.center_momentum
+        momentum = self.config.center_momentum
         rows = teacher.shape[0] * teacher.shape[1]
         total = comm.all_reduce_sum_no_grad(teacher.float().sum(dim=(0, 1)))
         self.center.mul_(momentum).add_(total / (rows * comm.world_size()), alpha=1 - momentum)
 
-    def ema_pairs(self):
-        return [(self.backbone, self.teacher_backbone), (self.head, self.teacher_head)]
-
-    def ema_momentum(self, step: int) -> float:
-        return cosine_to(self.config.method.momentum, 1.0, step, self.total_steps)
-
     def weight_decay_at(self, step: int) -> float:
-        return cosine_to(self.config.optim.weight_decay, self.config.method.weight_decay_end, step, self.total_steps)
+        """A cosine from the optimizer's weight decay to `weight_decay_end` over training."""
+        return cosine_to(self.run.weight_decay, self.config.weight_decay_end, step, self.run.total_steps)
 
-    def param_rules(self) -> dict[str, dict]:
-        frozen = round(self.config.method.freeze_last_layer_epochs * self.steps_per_epoch)
-        return {"head.last_layer.": {"frozen_steps": frozen}}
+    def param_rules(self) -> list[ParamRule]:
+        frozen = round(self.config.freeze_last_layer_epochs * self.run.steps_per_epoch)
+        return [ParamRule("head.last_layer.", frozen_steps=frozen)]

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bigssl.config import Config
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import InstDiscConfig
 from bigssl.methods.memory_bank import MemoryBank, noise_ids
 from bigssl.models.backbones import build_backbone, feature_dim
@@ -52,28 +51,24 @@ def bank_loss(memory: MemoryBank, f: torch.Tensor, ids: torch.Tensor, method, se
 @register("instdisc")
 class InstDisc(Method):
     config_class = InstDiscConfig
+    config: InstDiscConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: InstDiscConfig = config.method  # type: ignore[assignment]
-        check_bank_loss(method.loss, method.negatives)
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        self.memory = MemoryBank(config.model.projector.out_dim)
-
-    def configure_data(self, num_samples: int | None) -> None:
-        self.memory.allocate(num_samples, self.config.seed)
+    def build(self) -> None:
+        check_bank_loss(self.config.loss, self.config.negatives)
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        self.memory = MemoryBank(self.model_config.projector.out_dim)
+        self.memory.allocate(self.run.num_samples, self.run.seed)  # empty if unknown: see MemoryBank.allocate
 
     def synchronised_buffers(self) -> list[str]:
         return [f"memory.{name}" for name in MemoryBank.BUFFERS]
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: InstDiscConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         ids = batch["id"].to(self.memory.bank.device)
         self.memory.check(ids)
         features = self.backbone(batch["views"][0][0])  # one augmented view per image
         f = F.normalize(self.projector(features).float(), dim=1)
-        loss = bank_loss(self.memory, f, ids, method, self.config.seed, step)
+        loss = bank_loss(self.memory, f, ids, method, self.run.seed, step)
         self.memory.update(f.detach(), ids, method.bank_momentum)
-        return {"loss": loss, "features": features, "embedding": f.detach(),
-                "temperature": loss.new_tensor(method.temperature)}
+        return StepOutput(loss, features, f.detach(), metrics={"temperature": loss.new_tensor(method.temperature)})

@@ -8,11 +8,8 @@ push every other image away (spreading): `bigssl.losses.invaspread_loss`, τ 0.1
 
 from __future__ import annotations
 
-import torch
-
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, flat, register
+from bigssl.methods.base import Batch, Method, StepOutput, flat, register
 from bigssl.methods.configs import InvaSpreadConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
@@ -21,16 +18,15 @@ from bigssl.models.heads import projector
 @register("invaspread")
 class InvaSpread(Method):
     config_class = InvaSpreadConfig
+    config: InvaSpreadConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: InvaSpreadConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         h = self.backbone(flat(batch["views"][0]))  # both views in one pass, as the official code
         f, f_hat = self.projector(h).chunk(2)
         loss = losses.invaspread_loss(f, f_hat, method.temperature, gather=method.gather)
-        return {"loss": loss, "features": h[: len(f)], "embedding": f.detach(),
-                "temperature": loss.new_tensor(method.temperature)}
+        return StepOutput(loss, h[: len(f)], f.detach(), metrics={"temperature": loss.new_tensor(method.temperature)})

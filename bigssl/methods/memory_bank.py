@@ -39,7 +39,11 @@ class MemoryBank(nn.Module):
         self.register_buffer("normaliser", torch.zeros(()))  # NCE's Z; 0 = not estimated yet
 
     def allocate(self, num_samples: int | None, seed: int) -> None:
-        """Random unit vectors, one per training sample."""
+        """Random unit vectors, one per training sample. With the count unknown (None: a method
+        built to evaluate or export its trunk) the bank stays empty, and a training step refuses
+        it (`check`)."""
+        if num_samples is None:
+            return
         if not num_samples:
             raise ConfigError("data.train: a memory bank needs the dataset size and global sample ids (an "
                               "index.json beside the shards, as `bigssl shards` writes)")
@@ -49,7 +53,7 @@ class MemoryBank(nn.Module):
     def check(self, ids: torch.Tensor) -> None:
         if len(self.bank) == 0 or bool((ids < 0).any()) or bool((ids >= len(self.bank)).any()):
             raise ConfigError("data.train: the memory bank needs global sample ids within it (shards with an "
-                              "index.json, and Method.configure_data called with their count)")
+                              "index.json, whose sample count sizes the bank)")
 
     def sampled_scores(self, f: torch.Tensor, ids: torch.Tensor, noise: torch.Tensor,
                        temperature: float) -> torch.Tensor:

@@ -24,17 +24,15 @@ constant, no schedule index is involved.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 
 from bigssl import losses
-from bigssl.config import Config
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import MoCoConfig
+from bigssl.methods.teacher import EMATeacher
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
 
@@ -42,27 +40,27 @@ from bigssl.models.heads import projector
 @register("moco")
 class MoCo(Method):
     config_class = MoCoConfig
+    config: MoCoConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: MoCoConfig = config.method  # type: ignore[assignment]
-        batch = config.optim.batch_size
+    def build(self) -> None:
+        method, batch = self.config, self.run.global_batch
         if method.queue_size <= 0 or method.queue_size % batch:
             raise ConfigError(f"method.queue_size: {method.queue_size} is not a positive multiple of the global "
                               f"batch optim.batch_size={batch} (each step enqueues the whole global batch)")
-        if method.key_bn_splits < 1 or (batch // max(1, comm.world_size())) % method.key_bn_splits:
+        if method.key_bn_splits < 1 or self.run.rank_batch % method.key_bn_splits:
             raise ConfigError(f"method.key_bn_splits: {method.key_bn_splits} must divide the per-rank batch")
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        self.teacher = EMATeacher(method.momentum)  # constant m
+        self.key_backbone = self.teacher.copy(self.backbone)
+        self.key_projector = self.teacher.copy(self.projector)
         # Identical on every rank (same seed, same gathered keys): a buffer, checkpointed.
-        queue = F.normalize(torch.randn(method.queue_size, config.model.projector.out_dim), dim=1)
+        queue = F.normalize(torch.randn(method.queue_size, self.model_config.projector.out_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long))
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: MoCoConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         views = batch["views"][0]  # [2, B, C, H, W]: view 0 → queries, view 1 → keys
         features = self.backbone(views[0])
         q = self.projector(features)
@@ -71,21 +69,20 @@ class MoCo(Method):
         # A copy of the queue: the enqueue below writes into it before backward reads it.
         loss = losses.info_nce(q, own_keys, method.temperature, queue=self.queue.clone())
         self._enqueue(F.normalize(all_keys.float(), dim=1))
-        return {"loss": loss, "features": features, "embedding": q.detach(),
-                "temperature": loss.new_tensor(method.temperature)}
+        return StepOutput(loss, features, q.detach(), metrics={"temperature": loss.new_tensor(method.temperature)})
 
     def _encode_keys(self, images: torch.Tensor) -> torch.Tensor:
         return self.key_projector(self.key_backbone(images))
 
     def _keys(self, images: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's keys in its own order, and the global batch's keys in global order."""
-        method: MoCoConfig = self.config.method  # type: ignore[assignment]
+        method = self.config
         local, rank = len(images), comm.rank()
         if not method.shuffle_bn:
             keys = self._encode_keys(images)
             return keys, comm.gather_no_grad(keys)
         everything = comm.gather_no_grad(images)  # [W·B, ...], rank-major
-        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(self.run.seed * 1_000_003 + step)
         order = torch.randperm(len(everything), generator=generator).to(images.device)
         mine = order[rank * local : (rank + 1) * local]
         shuffled = torch.cat([self._encode_keys(part) for part in everything[mine].chunk(method.key_bn_splits)])
@@ -97,16 +94,10 @@ class MoCo(Method):
     @torch.no_grad()
     def _enqueue(self, keys: torch.Tensor) -> None:
         start = int(self.queue_pointer)
-        if len(keys) != self.config.optim.batch_size:
-            raise ValueError(f"MoCo enqueues the global batch ({self.config.optim.batch_size}), got {len(keys)} keys")
+        if len(keys) != self.run.global_batch:
+            raise ValueError(f"MoCo enqueues the global batch ({self.run.global_batch}), got {len(keys)} keys")
         self.queue[start : start + len(keys)] = keys.to(self.queue.dtype)
         self.queue_pointer.fill_((start + len(keys)) % len(self.queue))
 
     def synchronised_buffers(self) -> list[str]:
         return ["queue", "queue_pointer"]
-
-    def ema_pairs(self):
-        return [(self.backbone, self.key_backbone), (self.projector, self.key_projector)]
-
-    def ema_momentum(self, step: int) -> float:
-        return self.config.method.momentum

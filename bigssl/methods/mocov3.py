@@ -20,20 +20,18 @@ update at step 0 acts on two equal encoders.)
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 from torch import nn
 
 from bigssl import losses
-from bigssl.config import Config
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import MoCoV3Config
+from bigssl.methods.teacher import EMATeacher
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
-from bigssl.schedules import cosine_to
 
 
 def sincos_position_table(rows: int, cols: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -95,37 +93,31 @@ def _mocov3_vit(backbone: nn.Module, config: MoCoV3Config) -> None:
 @register("mocov3")
 class MoCoV3(Method):
     config_class = MoCoV3Config
+    config: MoCoV3Config
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: MoCoV3Config = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
+    def build(self) -> None:
+        method = self.config
+        self.backbone = build_backbone(self.model_config)
         vit = hasattr(self.backbone, "patch_embed")
         if vit:
             _mocov3_vit(self.backbone, method)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        out = config.model.projector.out_dim
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        out = self.model_config.projector.out_dim
         # The ViT predictor ends in BN without affine, the ResNet one in a Linear without bias
         # (builder.py:42, 109 and 122: every Linear of the heads is bias-free).
         self.predictor = mlp(out, method.predictor_hidden_dim, out, layers=2, batch_norm=True, last_batch_norm=vit,
                              last_affine=False, last_bias=False)
-        self.momentum_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
-        self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        # m(step + 1): the official update at the start of the next step (see the module docstring).
+        self.teacher = EMATeacher(method.momentum, final=1.0, total_steps=self.run.total_steps, lead=1)
+        self.momentum_backbone = self.teacher.copy(self.backbone)
+        self.momentum_projector = self.teacher.copy(self.projector)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        tau = self.config.method.temperature
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        tau = self.config.temperature
         views = batch["views"][0]
         features = [self.backbone(views[v]) for v in range(2)]
         queries = [self.predictor(self.projector(h)) for h in features]
         with torch.no_grad():
             keys = [self.momentum_projector(self.momentum_backbone(views[v])) for v in range(2)]
         loss = 2 * tau * (losses.info_nce(queries[0], keys[1], tau) + losses.info_nce(queries[1], keys[0], tau))
-        return {"loss": loss, "features": features[0], "embedding": keys[0],
-                "temperature": loss.new_tensor(tau)}
-
-    def ema_pairs(self):
-        return [(self.backbone, self.momentum_backbone), (self.projector, self.momentum_projector)]
-
-    def ema_momentum(self, step: int) -> float:
-        """m(step + 1): the official update at the start of the next step (see the module docstring)."""
-        return cosine_to(self.config.method.momentum, 1.0, step + 1, self.total_steps)
+        return StepOutput(loss, features[0], keys[0], metrics={"temperature": loss.new_tensor(tau)})

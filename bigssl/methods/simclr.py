@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, flat, register
+from bigssl.methods.base import Batch, Method, StepOutput, flat, register
 from bigssl.methods.configs import SimCLRConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
@@ -22,13 +21,13 @@ from bigssl.models.heads import projector
 @register("simclr")
 class SimCLR(Method):
     config_class = SimCLRConfig
+    config: SimCLRConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         # One pass per resolution over all its views (view-major): BN sees V·B samples, as in the
         # official code for V = 2.
         features = None
@@ -37,10 +36,10 @@ class SimCLR(Method):
             h = self.backbone(flat(group))
             features = h[: group.shape[1]] if features is None else features
             projections.extend(self.projector(h).chunk(group.shape[0]))
-        method: SimCLRConfig = self.config.method  # type: ignore[assignment]
+        method = self.config
         if len(projections) == 2:
             loss = losses.nt_xent(*projections, method.temperature, gather=method.gather)
         else:  # more views of each image: every other view is a positive
             loss = losses.multiview_nt_xent(projections, method.temperature, gather=method.gather)
-        return {"loss": loss, "features": features, "embedding": projections[0].detach(),
-                "temperature": loss.new_tensor(method.temperature)}
+        return StepOutput(loss, features, projections[0].detach(),
+                          metrics={"temperature": loss.new_tensor(method.temperature)})

@@ -9,35 +9,33 @@ parameters, as in the official code. `engine.sync_bn: true` gives the paper's Sy
 
 from __future__ import annotations
 
-import torch
-
 from bigssl import losses
-from bigssl.config import Config
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.methods.configs import SimSiamConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp, projector
+from bigssl.optim import ParamRule
 
 
 @register("simsiam")
 class SimSiam(Method):
     config_class = SimSiamConfig
+    config: SimSiamConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: SimSiamConfig = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        out = config.model.projector.out_dim
-        self.predictor = mlp(out, method.predictor_hidden_dim, out, layers=2, batch_norm=True, last_batch_norm=False)
+    def build(self) -> None:
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        out = self.model_config.projector.out_dim
+        self.predictor = mlp(out, self.config.predictor_hidden_dim, out, layers=2, batch_norm=True,
+                             last_batch_norm=False)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
         views = batch["views"][0]
         features = [self.backbone(views[v]) for v in range(2)]
         z = [self.projector(h) for h in features]
         p = [self.predictor(x) for x in z]
         loss = 0.5 * (losses.negative_cosine(p[0], z[1].detach()) + losses.negative_cosine(p[1], z[0].detach()))
-        return {"loss": loss, "features": features[0], "embedding": z[0].detach()}
+        return StepOutput(loss, features[0], z[0].detach())
 
-    def param_rules(self) -> dict[str, dict]:
-        return {"predictor.": {"fixed_lr": True}} if self.config.method.fixed_predictor_lr else {}
+    def param_rules(self) -> list[ParamRule]:
+        return [ParamRule("predictor.", fixed_lr=True)] if self.config.fixed_predictor_lr else []

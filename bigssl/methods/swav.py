@@ -19,37 +19,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from bigssl import health, losses
-from bigssl.config import Config
-from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, flat, register
+from bigssl.methods.base import Batch, Method, StepOutput, flat, register
 from bigssl.methods.configs import SwAVConfig
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import projector
+from bigssl.optim import ParamRule
 
 
 @register("swav")
 class SwAV(Method):
     config_class = SwAVConfig
+    config: SwAVConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        method: SwAVConfig = config.method  # type: ignore[assignment]
-        self.backbone = build_backbone(config.model)
-        self.projector = projector(feature_dim(self.backbone), config.model.projector)
-        dim = config.model.projector.out_dim
+    def build(self) -> None:
+        method = self.config
+        self.backbone = build_backbone(self.model_config)
+        self.projector = projector(feature_dim(self.backbone), self.model_config.projector)
+        dim = self.model_config.projector.out_dim
         self.prototypes = nn.Linear(dim, method.prototypes, bias=False)  # nn.Linear's init, as official
         with torch.no_grad():  # unit rows from the start, so a forward outside the trainer scores cosines
             self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
         # Past embeddings of the 2 global crops, this rank's own; rows of zeros are "not filled
         # yet". A plain tensor, not a buffer: DDP would overwrite every rank's with rank 0's. Like
         # the official code's, it is not in the checkpoint: a resumed run refills it.
-        self.queue = torch.zeros(2, method.queue_length // comm.world_size(), dim)
+        self.queue = torch.zeros(2, method.queue_length // self.run.world_size, dim)
 
-    def param_rules(self) -> dict[str, dict]:
-        method: SwAVConfig = self.config.method  # type: ignore[assignment]
-        frozen = method.freeze_prototypes_steps or round(method.freeze_prototypes_epochs * self.steps_per_epoch)
-        return {"prototypes.": {"frozen_steps": frozen}}
+    def param_rules(self) -> list[ParamRule]:
+        method = self.config
+        frozen = method.freeze_prototypes_steps or round(method.freeze_prototypes_epochs * self.run.steps_per_epoch)
+        return [ParamRule("prototypes.", frozen_steps=frozen)]
 
     def unit_norm_rows(self) -> list[nn.Parameter]:
         return [self.prototypes.weight]
@@ -57,8 +56,8 @@ class SwAV(Method):
     def _scores(self, z: torch.Tensor) -> torch.Tensor:
         return self.prototypes(z)  # rows already unit (unit_norm_rows)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: SwAVConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         groups = batch["views"]
         batch_size = groups[0].shape[1]
         features = [self.backbone(flat(group)) for group in groups]
@@ -69,16 +68,16 @@ class SwAV(Method):
                                  for i in range(2)])
         loss = losses.swav_loss(scores, codes, method.temperature)
         stats = health.distillation_stats(codes[0], scores[1].detach() / method.temperature)
-        return {"loss": loss, "features": features[0][:batch_size], "embedding": z[:batch_size].detach(),
-                "uniform_loss": loss.new_tensor(math.log(method.prototypes)), **stats}
+        return StepOutput(loss, features[0][:batch_size], z[:batch_size].detach(),
+                          uniform_loss=loss.new_tensor(math.log(method.prototypes)), metrics=stats)
 
     def _codes(self, scores: torch.Tensor, z: torch.Tensor, crop: int, step: int) -> torch.Tensor:
         """Sinkhorn codes of one global crop; the queue (once started and full) joins the batch."""
-        method: SwAVConfig = self.config.method  # type: ignore[assignment]
+        method = self.config
         if self.queue.device != z.device:
             self.queue = self.queue.to(z.device)
         queue = self.queue[crop]
-        queuing = len(queue) > 0 and step >= method.queue_start_epoch * self.steps_per_epoch
+        queuing = len(queue) > 0 and step >= method.queue_start_epoch * self.run.steps_per_epoch
         if queuing and len(queue) % len(z):
             raise ConfigError(f"method.queue_length: {len(queue)} per rank is not a multiple of the per-rank "
                               f"batch {len(z)}")

@@ -34,11 +34,11 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from bigssl.config import Config, MethodConfig
+from bigssl.config import MethodConfig
 from bigssl.config_ranges import NON_NEGATIVE, POSITIVE
 from bigssl.distributed import comm
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method, register
+from bigssl.methods.base import Batch, Method, StepOutput, register
 from bigssl.models.backbones import build_backbone, feature_dim
 from bigssl.models.heads import mlp
 
@@ -106,23 +106,23 @@ class VICReg(Method):
     there would hold every std at 1 and leave the variance term nothing to do)."""
 
     config_class = VICRegConfig
+    config: VICRegConfig
 
-    def __init__(self, config: Config) -> None:
-        super().__init__(config)
-        head = config.model.projector
+    def build(self) -> None:
+        head = self.model_config.projector
         if head.last_batch_norm:
             raise ConfigError("model.projector.last_batch_norm: VICReg's expander ends in a plain Linear; "
                               "set it to false")
-        self.backbone = build_backbone(config.model)
+        self.backbone = build_backbone(self.model_config)
         self.projector = mlp(feature_dim(self.backbone), head.hidden_dim, head.out_dim, head.layers,
                              head.batch_norm, last_batch_norm=False, last_bias=False)
 
-    def training_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        method: VICRegConfig = self.config.method  # type: ignore[assignment]
+    def training_step(self, batch: Batch, step: int) -> StepOutput:
+        method = self.config
         views = batch["views"][0]
         # One backbone pass per view, as the official forward: BN statistics per view.
         features = [self.backbone(views[v]) for v in range(2)]
         z1, z2 = (self.projector(h) for h in features)
         loss, terms = vicreg_loss(z1, z2, method.invariance_weight, method.variance_weight, method.covariance_weight,
                                   method.std_target, method.variance_eps, gather=method.gather)
-        return {"loss": loss, "features": features[0], "embedding": z1.detach(), **terms}
+        return StepOutput(loss, features[0], z1.detach(), metrics=terms)

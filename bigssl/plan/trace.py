@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,9 @@ from bigssl.config import Config
 from bigssl.distributed import comm
 from bigssl.distributed.collective import Collective
 from bigssl.plan.structure import Param, Trace
+
+if TYPE_CHECKING:
+    from bigssl.methods.base import Method
 
 IMAGENET_SAMPLES = 1_281_167  # the planner's dataset size when the recipe does not give one
 
@@ -117,7 +121,7 @@ def view_shapes(config: Config) -> list[tuple[int, int, int, int]]:
 def _structure(method: torch.nn.Module, config: Config, step: int
                ) -> tuple[list[Param], list[list[int]], list[int], list[torch.nn.Module]]:
     from bigssl.distributed.engines.fsdp import shard_units
-    from bigssl.optim import param_groups
+    from bigssl.optim import GroupSettings, param_groups
 
     units = [*reversed(shard_units(method)), method]  # fully_shard's order: innermost first, root last
     owner: dict[int, int] = {}
@@ -131,7 +135,7 @@ def _structure(method: torch.nn.Module, config: Config, step: int
     groups = param_groups(method, config.optim, config.eval.online_probe_lr, method.param_rules())
     # A frozen group is left out of the step (train.py marks it, optim.skipping_frozen_groups).
     lars = [i for i, group in enumerate(groups) if config.optim.name == "lars" and group["lars_adapt"]
-            and not step < group.get("frozen_steps", 0)]
+            and not step < GroupSettings.of(group).frozen_steps]
     return params, [[index_of[id(p)] for p in group["params"]] for group in groups], lars, units
 
 
@@ -148,14 +152,50 @@ def _record_calls(units: list[torch.nn.Module], calls: list[tuple[int, bool]]) -
         unit.register_forward_pre_hook(hook)
 
 
+def _built_method(config: Config, steps_per_epoch: int, samples: int, world_size: int) -> Method:
+    """The method as the trainer builds it, with the model changes its engine makes first."""
+    from bigssl.distributed.global_bn import convert_sync_bn
+    from bigssl.methods import build as build_method
+    from bigssl.methods.context import RunContext
+
+    torch.manual_seed(config.seed)
+    method = build_method(config, RunContext.of(config, world_size=world_size, steps_per_epoch=steps_per_epoch,
+                                                total_steps=config.optim.epochs * steps_per_epoch,
+                                                num_samples=samples))
+    if config.engine.sync_bn and world_size > 1:
+        convert_sync_bn(method)
+    if config.engine.activation_checkpointing:
+        method.backbone.set_grad_checkpointing(True)
+    return method
+
+
+class _SavedForBackward:
+    """The bytes of the tensors autograd saves for backward that are not the method's own
+    parameters, each storage counted once (`pack` is the saved-tensors pack hook)."""
+
+    def __init__(self, method: torch.nn.Module) -> None:
+        self.own = {p.untyped_storage()._cdata for p in method.parameters()}
+        self.saved: dict[int, int] = {}
+        # Every saved storage kept alive, so that no address is reused and counted twice.
+        self.held: list[torch.UntypedStorage] = []
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in self.own:
+            self.saved[storage._cdata] = storage.nbytes()
+            self.held.append(storage)
+        return tensor
+
+    def bytes(self) -> int:
+        return sum(self.saved.values())
+
+
 def trace(config: Config, world_size: int, samples: int | None = None, step: int | None = None) -> Trace:
     """The step of `config` as rank 0 of `world_size` ranks sees it (see the module docstring);
     `step` defaults to one past the first two epochs' special cases (frozen layers, queue start)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from bigssl import config as config_lib
-    from bigssl.distributed.global_bn import convert_sync_bn
-    from bigssl.methods import build as build_method
 
     local_batch = config_lib.per_rank_batch(config, world_size)
     config = copy.deepcopy(config)
@@ -167,45 +207,26 @@ def trace(config: Config, world_size: int, samples: int | None = None, step: int
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.engine.precision)
     calls: list[Collective] = []
     with _torch_linear(), torch.device("meta"), _ReadValues(), comm.simulated(world_size, calls.append):
-        torch.manual_seed(config.seed)
-        method = build_method(config)
-        method.configure_schedule(steps_per_epoch, config.optim.epochs * steps_per_epoch)
-        method.configure_data(samples)
-        if config.eval.online_probe_classes:
-            method.attach_online_probe(config.eval.online_probe_classes)
-        if config.engine.sync_bn and world_size > 1:
-            convert_sync_bn(method)
-        if config.engine.activation_checkpointing:
-            method.backbone.set_grad_checkpointing(True)
+        method = _built_method(config, steps_per_epoch, samples, world_size)
         params, groups, lars_groups, units = _structure(method, config, step)
         unit_calls: list[tuple[int, bool]] = []
         _record_calls(units, unit_calls)
         buffers = {name: b.numel() * b.element_size() for name, b in method.named_buffers()}
-        own = {p.untyped_storage()._cdata for p in method.parameters()}
-        saved: dict[int, int] = {}
-        held = []  # keeps every saved storage alive, so that no address is reused and counted twice
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            storage = tensor.untyped_storage()
-            if storage._cdata not in own:
-                saved[storage._cdata] = storage.nbytes()
-                held.append(storage)
-            return tensor
-
+        saved = _SavedForBackward(method)
         batch = {"views": [torch.empty((v, local_batch, c, h, w)) for v, c, h, w in shapes],
                  "label": torch.zeros(local_batch, dtype=torch.long), "id": torch.arange(local_batch),
                  "text": ["a photo of a thing"] * local_batch}
         method.train()
         with FlopCounterMode(display=False) as flops:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t):
                 if low is not None:
                     with _LowPrecisionMatmuls(low):
                         out = method(batch, step)
                 else:
                     out = method(batch, step)
-            activation_bytes = sum(saved.values())
+            activation_bytes = saved.bytes()
             unit_calls.append((len(units) - 1, True))
-            out["loss"].backward()
+            out.loss.backward()
             method.after_step(step)
     return Trace(world_size=world_size, local_batch=local_batch, params=params, buffers=buffers,
                  synchronised_buffers=list(method.synchronised_buffers()), groups=groups, units=len(units),

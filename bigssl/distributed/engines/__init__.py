@@ -1,4 +1,9 @@
-"""Engine factory: `engine.kind` → an Engine."""
+"""Engine registry and factory: `engine.kind` → an Engine.
+
+An engine is one module (its class sets `kind`, declares its `capabilities` and reads its own
+checkpoints) plus its entry in `ENGINES` here; nothing else in bigssl names it. The order is
+the order in which `consolidate.engine_of` asks engines whether they wrote a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from bigssl.distributed.engines.deepspeed_zero import DeepSpeedEngine
 from bigssl.distributed.engines.fsdp import FSDPEngine
 from bigssl.distributed.env import DistEnv
 
-_ENGINES: dict[str, type[Engine]] = {"ddp": DDPEngine, "fsdp": FSDPEngine, "deepspeed": DeepSpeedEngine}
+ENGINES: dict[str, type[Engine]] = {engine.kind: engine for engine in (DDPEngine, FSDPEngine, DeepSpeedEngine)}
 
 
 def build_engine(config: Config, env: DistEnv, device: torch.device) -> Engine:
-    return _ENGINES[config.engine.kind](config, env, device)
+    return ENGINES[config.engine.kind](config, env, device)
 
 
-__all__ = ["Engine", "build_engine"]
+__all__ = ["ENGINES", "Engine", "build_engine"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -22,14 +23,32 @@ from bigssl.distributed.engines.loss_scale import DynamicLossScaler
 from bigssl.distributed.env import DistEnv
 from bigssl.distributed.global_bn import convert_sync_bn
 from bigssl.errors import ConfigError
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 # fp16 on CPU is slow and pointless for training; the test suite sets this to exercise loss
 # scaling on machines without a GPU.
 CPU_FP16_ENV = "BIGSSL_ALLOW_CPU_FP16"
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine can do, declared by the engine, so that no caller asks which engine it is."""
+
+    # Every rank holds every parameter whole between steps, so a method's own modules (CLIP's
+    # text tower) run on one rank as they are; otherwise only `full_module`'s result is whole.
+    holds_whole_parameters: bool
+    # Why `engine.compile` (torch.compile of the backbone) is refused under this engine; None: it is not.
+    compile_refusal: str | None = None
+
+
 class Engine(ABC):
+    """Subclasses set `kind` (the `engine.kind` that selects them) and `capabilities`, implement
+    the abstract methods, and read their own checkpoints in one process for export (`holds`,
+    `whole_method_state`); bigssl/distributed/engines/__init__.py registers them."""
+
+    kind: ClassVar[str]
+    checkpoint_marker: ClassVar[str]  # what of a checkpoint directory shows this engine wrote it, for messages
+
     def __init__(self, config: Config, env: DistEnv, device: torch.device) -> None:
         self.config = config
         self.env = env
@@ -43,6 +62,21 @@ class Engine(ABC):
 
     method: Method
     optimizer: torch.optim.Optimizer
+
+    @property
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @staticmethod
+    @abstractmethod
+    def holds(checkpoint: Path) -> bool:
+        """Whether `checkpoint` (a checkpoint directory) was written by this engine."""
+
+    @staticmethod
+    @abstractmethod
+    def whole_method_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+        """The method's whole state dict from one of this engine's checkpoints, in one process
+        without a process group, every file read without running code from it (export, eval)."""
 
     def prepare(self, method: Method) -> None:
         """The model changes every engine makes before it wraps or shards the method and builds
@@ -59,9 +93,8 @@ class Engine(ABC):
                                   "set_grad_checkpointing (timm models do)")
             backbone.set_grad_checkpointing(True)  # its blocks are recomputed in backward
         if self.config.engine.compile:
-            if self.config.engine.kind == "deepspeed":
-                raise ConfigError("engine.compile: not with engine.kind=deepspeed (its ZeRO hooks and "
-                                  "torch.compile do not mix reliably); use ddp or fsdp")
+            if (refusal := self.capabilities.compile_refusal) is not None:
+                raise ConfigError(f"engine.compile: not with engine.kind={self.kind} ({refusal}); use ddp or fsdp")
             backbone.compile()  # in place: the module keeps its parameters and state-dict names
 
     @abstractmethod
@@ -74,7 +107,7 @@ class Engine(ABC):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @abstractmethod
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]: ...
+    def forward(self, batch: Batch, step: int) -> StepOutput: ...
 
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...

@@ -9,15 +9,27 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bigssl.distributed.engines.base import Engine
+from bigssl.distributed.engines.base import Capabilities, Engine
 from bigssl.distributed.engines.safe_load import load_tensors
 from bigssl.distributed.env import alone_in_group
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 STATE_FILE = "state.pt"
 
 
 class DDPEngine(Engine):
+    kind = "ddp"
+    capabilities = Capabilities(holds_whole_parameters=True)
+    checkpoint_marker = STATE_FILE
+
+    @staticmethod
+    def holds(checkpoint: Path) -> bool:
+        return (checkpoint / STATE_FILE).is_file()
+
+    @staticmethod
+    def whole_method_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+        return load_tensors(checkpoint / STATE_FILE)["method"]
+
     def setup(self, method: Method, optimizer_factory) -> None:
         method.to(self.device)
         self.prepare(method)
@@ -33,7 +45,7 @@ class DDPEngine(Engine):
         else:
             self.module = method
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.module(batch, step)
 

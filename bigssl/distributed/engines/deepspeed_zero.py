@@ -30,10 +30,11 @@ import torch.distributed as dist
 from torch import nn
 
 from bigssl.distributed import comm
-from bigssl.distributed.engines.base import Engine, plain_layout
+from bigssl.distributed.engines import zero_merge
+from bigssl.distributed.engines.base import Capabilities, Engine, plain_layout
 from bigssl.distributed.engines.safe_load import DEEPSPEED_DIR, naming
 from bigssl.errors import CheckpointError, ConfigError
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 from bigssl.optim import FlatLayout, Segment
 
 TAG = DEEPSPEED_DIR  # the checkpoint sub-directory DeepSpeed writes into
@@ -192,6 +193,23 @@ def _checked(layout: FlatLayout, numels: list[int], device: torch.device) -> Fla
 
 
 class DeepSpeedEngine(Engine):
+    kind = "deepspeed"
+    checkpoint_marker = f"{TAG}/"
+
+    @property
+    def capabilities(self) -> Capabilities:
+        # Stages 1-2 shard optimizer state and gradients only; stage 3 cuts parameters too.
+        return Capabilities(holds_whole_parameters=self.config.engine.zero_stage < 3,
+                            compile_refusal="its ZeRO hooks and torch.compile do not mix reliably")
+
+    @staticmethod
+    def holds(checkpoint: Path) -> bool:
+        return (checkpoint / TAG).is_dir()
+
+    @staticmethod
+    def whole_method_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+        return zero_merge.zero_state(checkpoint / TAG)
+
     def setup(self, method: Method, optimizer_factory) -> None:
         stage = self.config.engine.zero_stage
         if stage not in (1, 2, 3):
@@ -233,7 +251,7 @@ class DeepSpeedEngine(Engine):
         self.method = method
         self.stage = stage
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.ds(batch, step)
 

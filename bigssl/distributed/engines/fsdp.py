@@ -31,9 +31,9 @@ from torch.distributed.tensor import DTensor
 
 from bigssl.distributed import comm
 from bigssl.distributed.engines import dcp_safe
-from bigssl.distributed.engines.base import Engine, plain_layout
+from bigssl.distributed.engines.base import Capabilities, Engine, plain_layout
 from bigssl.distributed.engines.safe_load import load_tensors
-from bigssl.methods.base import Batch, Method
+from bigssl.methods.base import Batch, Method, StepOutput
 
 DCP_DIR = "dcp"
 EXTRA_FILE = "extra.pt"
@@ -58,6 +58,18 @@ def _ensure_process_group() -> None:
 
 
 class FSDPEngine(Engine):
+    kind = "fsdp"
+    capabilities = Capabilities(holds_whole_parameters=False)
+    checkpoint_marker = f"{DCP_DIR}/"
+
+    @staticmethod
+    def holds(checkpoint: Path) -> bool:
+        return (checkpoint / DCP_DIR / dcp_safe.METADATA).is_file()
+
+    @staticmethod
+    def whole_method_state(checkpoint: Path) -> dict[str, torch.Tensor]:
+        return dcp_safe.read_model_state(checkpoint / DCP_DIR)
+
     def setup(self, method: Method, optimizer_factory) -> None:
         _ensure_process_group()
         method.to(self.device)
@@ -72,7 +84,7 @@ class FSDPEngine(Engine):
         self.method = method
         self.optimizer = optimizer_factory(method)
 
-    def forward(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+    def forward(self, batch: Batch, step: int) -> StepOutput:
         with self.autocast():
             return self.method(batch, step)
 
