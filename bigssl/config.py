@@ -21,7 +21,7 @@ import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -116,8 +116,10 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """Base of every method's own section; subclasses live beside their method."""
+    """Base of every method's own section; subclasses live beside their method. `ranges`: the
+    allowed range of fields config_ranges.METHOD_RANGES does not cover (a one-file method's own)."""
 
+    ranges: ClassVar[Mapping[str, Any]] = {}
     name: str = "simclr"
 
 
@@ -505,7 +507,7 @@ def validate(config: Config, method: MethodSchema) -> None:
     """`method`: the schema `config.method.name` is registered with."""
     # First: the checks below compare numbers, which NaN defeats. The method fields' ranges are
     # those of the built-in methods; a plug-in's fields may mean something else.
-    check_values(config, method_ranges=method.builtin_ranges)
+    check_values(config, method_ranges=method.builtin_ranges, own_ranges=method.config_class.ranges)
     choices = {**CHOICES, **{f"method.{name}": allowed for name, allowed in method.choices.items()}}
     for key, allowed in choices.items():
         value = get(config, key)

@@ -13,7 +13,7 @@ left unchecked by accident. A list-valued key's range applies to each of its ele
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any
 
@@ -168,9 +168,12 @@ METHOD_RANGES: dict[str, Bound] = {
 }
 
 
-def bound_of(key: str, method_ranges: bool = True) -> Bound | None:
+def bound_of(key: str, method_ranges: bool = True, own_ranges: Mapping[str, Bound] | None = None) -> Bound | None:
     if key.startswith("method."):
-        return METHOD_RANGES.get(key.removeprefix("method.")) if method_ranges else None
+        name = key.removeprefix("method.")
+        if own_ranges and name in own_ranges:
+            return own_ranges[name]
+        return METHOD_RANGES.get(name) if method_ranges else None
     return RANGES.get(key)
 
 
@@ -196,16 +199,18 @@ def _numbers(value: Any, key: str) -> Iterator[tuple[str, int | float, Any]]:
         yield key, value, value
 
 
-def check_values(config: Any, prefix: str = "", method_ranges: bool = True) -> None:
+def check_values(config: Any, prefix: str = "", method_ranges: bool = True,
+                 own_ranges: Mapping[str, Bound] | None = None) -> None:
     """Raise ConfigError for the first number that is not finite, does not fit in 64 bits, or is
     outside its key's range; None (a view setting the policy fills) is left alone.
-    `method_ranges`: apply METHOD_RANGES (a built-in method runs)."""
+    `method_ranges`: apply METHOD_RANGES (a built-in method runs); `own_ranges`: the method
+    config's own `ranges`, which come first."""
     for key, number, whole in _numbers(config, prefix):
         if isinstance(number, float) and not math.isfinite(number):
             raise ConfigError(f"{key}: must be a finite number, got {_shown(whole)}")
         if isinstance(number, int) and abs(number) > INT64_MAX:
             raise ConfigError(f"{key}: {_shown(number)} does not fit in 64 bits")
-        bound = bound_of(key, method_ranges)
+        bound = bound_of(key, method_ranges, own_ranges)
         if bound is not None and not bound.holds(number):
             rule = f"every value must be {bound}" if whole is not number else f"must be {bound}"
             raise ConfigError(f"{key}: {rule}, got {_shown(whole)}")
