@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import multiprocessing
 import os
 import socket
@@ -22,6 +23,16 @@ QUICKSTART = REPO / "recipes" / "quickstart" / "simclr.yaml"
 # A few small steps of the real recipe: narrower network, small batch.
 SMALL = ["model.backbone_args.channels=[8,16,32,64]", "model.projector.hidden_dim=32",
          "model.projector.out_dim=16", "optim.batch_size=32", "data.workers=1", "log.every_steps=1"]
+
+
+def fair_warmup_cosine(step: int, base: float, warmup_steps: int, max_steps: int) -> float:
+    """The lr of `adjust_learning_rate` in the Barlow Twins and VICReg repositories
+    (facebookresearch), written out: linear from 0 over the warm-up, then a cosine from `base` to
+    0.001 × `base`."""
+    if step < warmup_steps:
+        return base * step / warmup_steps
+    q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps)))
+    return base * q + base * 0.001 * (1 - q)
 
 
 def free_port() -> int:

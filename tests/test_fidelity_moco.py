@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from engine_cases import make_config, setup
-from helpers import SMALL
+from helpers import SMALL, fair_warmup_cosine
 from torch import nn
 
 from bigssl import recipes
@@ -222,11 +222,7 @@ def test_barlow_lr_schedule_equals_the_official_one_at_any_batch(batch: int):
     schedule = lr_schedule(optim, steps_per_epoch, optim.epochs * steps_per_epoch)
     max_steps, warmup_steps, base = optim.epochs * steps_per_epoch, 10 * steps_per_epoch, batch / 256
     for step in range(max_steps):
-        if step < warmup_steps:
-            official = base * step / warmup_steps
-        else:
-            q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps)))
-            official = base * q + base * 0.001 * (1 - q)
+        official = fair_warmup_cosine(step, base, warmup_steps, max_steps)
         assert schedule(step) == pytest.approx(official * 0.2, rel=1e-9, abs=1e-15), step
         assert schedule(step) * optim.no_decay_lr_scale == pytest.approx(official * 0.0048, rel=1e-9, abs=1e-15)
     assert optim.min_lr == pytest.approx(0.001 * 0.2 * batch / 256)

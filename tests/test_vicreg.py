@@ -5,7 +5,6 @@ on its own modules, its config checks, its ImageNet recipe's schedule, and a few
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from engine_cases import BATCH, make_config, setup
-from helpers import REPO, SMALL, run_cli, run_distributed, run_threaded
+from helpers import REPO, SMALL, fair_warmup_cosine, run_cli, run_distributed, run_threaded
 from torch import nn
 
 from bigssl import recipes
@@ -197,11 +196,7 @@ def test_imagenet_recipe_schedule_is_the_official_one():
     max_steps, warmup_steps, base = optim.epochs * steps_per_epoch, 10 * steps_per_epoch, 0.2 * 2048 / 256
     schedule = lr_schedule(optim, steps_per_epoch, max_steps)
     for step in range(max_steps):
-        if step < warmup_steps:
-            official = base * step / warmup_steps
-        else:
-            q = 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps)))
-            official = base * q + base * 0.001 * (1 - q)
+        official = fair_warmup_cosine(step, base, warmup_steps, max_steps)
         assert schedule(step) == pytest.approx(official, rel=1e-9, abs=1e-15), step
     method = config.method
     assert (method.invariance_weight, method.variance_weight, method.covariance_weight) == (25.0, 25.0, 1.0)
